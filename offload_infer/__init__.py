@@ -1,0 +1,1 @@
+"""offload-infer: weight-streaming, token-tree speculative LLM inference on one GPU."""

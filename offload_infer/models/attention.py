@@ -1,0 +1,74 @@
+"""Shared pieces of decoder attention: rotary embeddings, masks, and attention over a KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from offload_infer.kv_cache import KVCache
+
+
+def causal_mask(start: int, n: int, device: torch.device) -> Tensor:
+    """``[n, start + n]`` bool: token ``i`` sees every earlier slot and the new tokens up to itself."""
+    cols = torch.arange(start + n, device=device)
+    rows = torch.arange(n, device=device) + start
+    return cols[None, :] <= rows[:, None]
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> Tensor:
+    """Inverse frequencies ``[head_dim/2]`` (fp32), with the ``linear`` and ``llama3`` scalings."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = None if not scaling else scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv.float()
+    if kind == "linear":
+        return (inv / float(scaling["factor"])).float()
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled).float()
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin ``[N, 1, D]`` for the half-rotation (Hugging Face) layout."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # [N, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [N, 1, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``[N, H, D]`` by position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, start: int, mask: Tensor
+) -> Tensor:
+    """Attention of new tokens over cache slots ``[0, start + N)``.
+
+    q ``[N, H, D]``, k/v ``[N, KV, D]`` (stored into the cache at ``start``), mask ``[N, start + N]``
+    bool (True = visible). Returns ``[N, H * D]``.
+    """
+    n, n_heads, head_dim = q.shape
+    keys, values = cache.write(layer, start, k.transpose(0, 1), v.transpose(0, 1))  # [KV, S, D]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],  # [1, H, N, D]
+        keys[None],  # [1, KV, S, D]
+        values[None],
+        attn_mask=mask[None, None],  # [1, 1, N, S]
+        enable_gqa=keys.shape[0] != n_heads,
+    )  # [1, H, N, D]
+    return out[0].transpose(0, 1).reshape(n, n_heads * head_dim)

@@ -1,0 +1,115 @@
+"""What every model family shares: weight containers, the family protocol and the causal LM wrapper."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from offload_infer.kv_cache import KVCache
+from offload_infer.models.attention import causal_mask
+
+
+class LayerSource(Protocol):
+    """Gives each decoder layer's weights, on the compute device, in order."""
+
+    n_layers: int
+
+    def layers(self) -> Iterator[tuple[int, dict[str, Tensor]]]: ...
+
+    def prefetch(self) -> None: ...
+
+
+class ResidentLayers:
+    """Every layer's weights already on the compute device."""
+
+    def __init__(self, layers: list[dict[str, Tensor]]) -> None:
+        self._layers = layers
+        self.n_layers = len(layers)
+
+    def layers(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        yield from enumerate(self._layers)
+
+    def prefetch(self) -> None:
+        return None
+
+
+@dataclass
+class ModelWeights:
+    globals: dict[str, Tensor]  # embeddings, final norm, lm_head: always on the compute device
+    layers: LayerSource
+
+
+class FamilyConfig(Protocol):
+    """A model family's frozen config; it also knows its checkpoint layout and its forward pass."""
+
+    model_type: str
+    vocab_size: int
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    def global_shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def layer_prefix(self, i: int) -> str: ...
+
+    def aliases(self, name: str) -> list[str]: ...
+
+    def forward(
+        self, weights: ModelWeights, tokens: Tensor, positions: Tensor, cache: KVCache, start: int, mask: Tensor
+    ) -> Tensor: ...
+
+
+class CausalLM:
+    """A loaded model: config + weights on a device, with the forward used by every decoding mode."""
+
+    def __init__(self, config: FamilyConfig, weights: ModelWeights, device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.weights = weights
+        self.device = device
+        self.dtype = dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def new_cache(self, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor | None = None) -> Tensor:
+        """Logits ``[N, V]`` (fp32) for ``N`` new tokens written after the cache's pending tail.
+
+        ``mask`` ``[N, past + N]`` (True = visible) defaults to causal; ``past`` counts the committed
+        and pending slots. The new entries stay pending until the cache is committed.
+        """
+        tokens = tokens.to(self.device)
+        positions = positions.to(self.device)
+        n = tokens.numel()
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the model's context of "
+                f"{self.config.max_position_embeddings} tokens"
+            )
+        start = cache.reserve(n)
+        if mask is None:
+            mask = causal_mask(start, n, self.device)
+        else:
+            mask = mask.to(self.device)
+        assert mask.shape == (n, start + n), f"mask {tuple(mask.shape)} for {n} tokens after {start}"
+        try:
+            logits = self.config.forward(self.weights, tokens, positions, cache, start, mask)
+        except BaseException:
+            cache.pending -= n
+            raise
+        return logits.float()

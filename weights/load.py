@@ -1,0 +1,124 @@
+"""Build a ready model from resolved checkpoint files: check names and shapes against the family's
+layout, then move each tensor once from the memory-mapped file to where it lives (no module is ever
+materialised, so the model never exists twice in RAM)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from offload_infer.models import CausalLM, FamilyConfig, ModelWeights, ResidentLayers, config_from_dict
+from offload_infer.models.base import LayerSource
+from weights.resolve import ResolvedModel
+from weights.sources import CheckpointError, GGUFSource, SafetensorsSource, TensorSource, TorchBinSource, gguf_config
+from weights.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+
+# Buffers some checkpoints carry that the forward recomputes.
+_IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+LayerBuilder = Callable[[FamilyConfig, Iterator[dict[str, Tensor]], torch.device, torch.dtype], LayerSource]
+
+
+def resident_layers(
+    config: FamilyConfig, layers: Iterator[dict[str, Tensor]], device: torch.device, dtype: torch.dtype
+) -> ResidentLayers:
+    return ResidentLayers([{k: t.to(device=device, dtype=dtype) for k, t in w.items()} for w in layers])
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    tokenizer: Tokenizer
+    config_dict: dict  # config.json (or its GGUF equivalent), as read
+    name: str
+
+
+def open_source(resolved: ResolvedModel) -> tuple[TensorSource, dict]:
+    if resolved.kind == "gguf":
+        src = GGUFSource(resolved.files[0])
+        return src, gguf_config(src.reader, resolved.files[0])
+    assert resolved.config_path is not None
+    try:
+        cfg = json.loads(Path(resolved.config_path).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{resolved.config_path}: invalid JSON ({e})") from None
+    files = list(resolved.files)
+    return (SafetensorsSource(files) if resolved.kind == "safetensors" else TorchBinSource(files)), cfg
+
+
+def _plan_names(config: FamilyConfig, source: TensorSource) -> dict[str, str]:
+    """canonical name -> source name, after checking that every tensor is there with the right shape."""
+    available = source.keys()
+    expected = dict(config.global_shapes())
+    for i in range(config.n_layers):
+        expected |= {config.layer_prefix(i) + k: s for k, s in config.layer_shapes().items()}
+    mapping, missing = {}, []
+    for name, shape in expected.items():
+        found = next((n for n in (name, *config.aliases(name)) if n in available), None)
+        if found is None:
+            missing.append(name)
+            continue
+        got = source.shape(found)
+        if tuple(got) != tuple(shape):
+            raise CheckpointError(f"{source.where(found)}: tensor {found!r} has shape {tuple(got)}, "
+                                  f"the config needs {tuple(shape)}")
+        mapping[name] = found
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing[:5])}{more}")
+    used = set(mapping.values())
+    tied_head = {"lm_head.weight", "decoder.lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = sorted(n for n in available - used - tied_head if not _IGNORED.match(n))
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(
+            f"checkpoint has tensors the {config.model_type} layout does not use: "
+            f"{', '.join(unexpected[:5])}{more} (first in {source.where(unexpected[0])})"
+        )
+    return mapping
+
+
+def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, str], dtype: torch.dtype,
+                progress: bool, desc: str) -> Iterator[dict[str, Tensor]]:
+    from tqdm import tqdm
+
+    for i in tqdm(range(config.n_layers), desc=desc, unit="layer", file=sys.stderr, disable=not progress,
+                  leave=False):
+        prefix = config.layer_prefix(i)
+        yield {k: _cast(source.load(mapping[prefix + k]), dtype) for k in config.layer_shapes()}
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def load_model(
+    resolved: ResolvedModel,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    model_type: str | None = None,
+    layer_builder: LayerBuilder = resident_layers,
+    progress: bool = True,
+) -> LoadedModel:
+    device = torch.device(device)
+    source, cfg = open_source(resolved)
+    config = config_from_dict(cfg, model_type)
+    mapping = _plan_names(config, source)
+    globals_ = {n: _cast(source.load(mapping[n]), dtype).to(device) for n in config.global_shapes()}
+    layers = layer_builder(config, iter_layers(config, source, mapping, dtype, progress, f"loading {resolved.name}"),
+                           device, dtype)
+    if resolved.kind == "gguf":
+        tokenizer = tokenizer_from_gguf(source.reader, resolved.files[0])  # type: ignore[attr-defined]
+    else:
+        assert resolved.tokenizer_path is not None
+        tokenizer = load_tokenizer(resolved.tokenizer_path, cfg)
+    model = CausalLM(config, ModelWeights(globals_, layers), device, dtype)
+    return LoadedModel(model, tokenizer, cfg, resolved.name)
