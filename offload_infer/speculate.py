@@ -1,0 +1,202 @@
+"""Small speculative models (SSMs) that grow token trees for the LLM to verify.
+
+Each SSM keeps its own KV cache, holding the committed sequence up to and including the tree's root
+once it drafts, and a backlog of committed tokens it has not processed yet (the prompt at first, then
+accepted tokens that were leaves of its tree and the LLM's bonus token). Two ways to grow a tree:
+
+- ``expansion``: SpecInfer's per-depth widths: each node at depth d-1 gets the SSM's top ``w_d`` tokens.
+- ``budget``: best-first by cumulative SSM probability (SpecExec/Sequoia): each round expands, in one
+  SSM call, every not-yet-expanded node among the ``budget`` most probable so far, and stops when all
+  of them are expanded (the kept set is then exactly the best ``budget`` nodes reachable with at most
+  ``branch`` children per node) or the depth limit is hit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from offload_infer.models import CausalLM
+from offload_infer.tree import TokenTree
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    budget: int = 16  # speculated nodes per LLM pass (best-first); ignored when expansion is set
+    expansion: tuple[int, ...] = ()  # SpecInfer per-depth widths, e.g. (1, 1, 3, 1, 1, 1, 1, 1)
+    max_depth: int = 16  # deepest speculated node in best-first growth
+    branch: int = 8  # children considered per expanded node in best-first growth
+
+    def __post_init__(self) -> None:
+        if self.expansion and any(w < 1 for w in self.expansion):
+            raise ValueError(f"expansion widths must be >= 1, got {list(self.expansion)}")
+        if not self.expansion and self.budget < 1:
+            raise ValueError(f"tree budget must be >= 1, got {self.budget}")
+        if self.max_depth < 1 or self.branch < 1:
+            raise ValueError("max_depth and branch must be >= 1")
+
+    @property
+    def max_nodes(self) -> int:
+        """Most speculated nodes one SSM can propose (root excluded)."""
+        if self.expansion:
+            return sum(math.prod(self.expansion[: d + 1]) for d in range(len(self.expansion)))
+        return self.budget
+
+    @property
+    def depth_limit(self) -> int:
+        return len(self.expansion) if self.expansion else self.max_depth
+
+    def max_processed(self) -> int:
+        """Most nodes one SSM may process in one tree (sizes its cache beyond the sequence)."""
+        if self.expansion:
+            return self.max_nodes
+        return self.budget * self.max_depth
+
+
+class Drafter:
+    """One resident SSM: its cache, its backlog and the tree it last grew."""
+
+    def __init__(self, model: CausalLM, max_len: int, valid_vocab: int, cfg: TreeConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.cache = model.new_cache(max_len + cfg.max_processed() + 1)
+        self.valid_vocab = valid_vocab  # ids at or above this are embedding padding: never proposed
+        self.backlog: list[int] = []
+        self._tree = TokenTree.root(0)
+        self._slot: dict[int, int] = {}  # tree node -> pending cache slot (nodes the SSM processed)
+
+    def reset(self, committed: list[int]) -> None:
+        self.cache.reset()
+        self.backlog = list(committed)
+
+    def _children(self, logits: Tensor, k: int) -> tuple[list[float], list[int]]:
+        logp = torch.log_softmax(logits[..., : self.valid_vocab].float(), dim=-1)
+        top = torch.topk(logp, min(k, self.valid_vocab), dim=-1)
+        return top.values.tolist(), top.indices.tolist()
+
+    def _forward_nodes(self, nodes: list[int]) -> Tensor:
+        """SSM logits ``[len(nodes), V]`` for tree nodes whose ancestors it has processed."""
+        tree, cache = self._tree, self.cache
+        past = cache.end
+        n = len(nodes)
+        mask = torch.zeros(n, past + n, dtype=torch.bool)
+        mask[:, : cache.length] = True  # committed sequence, root included
+        for r, node in enumerate(nodes):
+            for a in tree.path(node)[1:-1]:
+                mask[r, cache.length + self._slot[a]] = True
+            mask[r, past + r] = True
+        root_pos = cache.length - 1
+        tokens = torch.tensor([tree.tokens[x] for x in nodes])
+        positions = torch.tensor([root_pos + tree.depths[x] for x in nodes])
+        logits = self.model.forward(tokens, positions, cache, mask)
+        for r, node in enumerate(nodes):
+            self._slot[node] = past - cache.length + r
+        return logits
+
+    def draft(self, max_depth: int) -> TokenTree:
+        """Grow a tree from the last committed token (the end of the backlog), at most ``max_depth`` deep."""
+        root = self.backlog[-1]
+        self._tree, self._slot = TokenTree.root(root), {}
+        if max_depth < 1:
+            return TokenTree.root(root)
+        start = self.cache.length
+        chain = torch.tensor(self.backlog)
+        root_logits = self.model.forward(chain, torch.arange(start, start + len(chain)), self.cache)[-1]
+        self.cache.commit_all()
+        self.backlog = []
+        if self.cfg.expansion:
+            return self._grow_by_widths(root_logits, max_depth)
+        return self._grow_best_first(root_logits, max_depth)
+
+    def _grow_by_widths(self, root_logits: Tensor, max_depth: int) -> TokenTree:
+        tree = self._tree
+        widths = self.cfg.expansion[:max_depth]
+        frontier, logits = [0], root_logits[None]
+        for d, w in enumerate(widths):
+            if d > 0:
+                if not frontier:
+                    break
+                logits = self._forward_nodes(frontier)
+            lps, toks = self._children(logits, w)
+            frontier = [tree.add(t, node) for node, row in zip(frontier, toks) for t in row]
+        return tree
+
+    def _grow_best_first(self, root_logits: Tensor, max_depth: int) -> TokenTree:
+        tree, budget, branch = self._tree, self.cfg.budget, self.cfg.branch
+        logp = [0.0]
+        expanded = {0}
+
+        def add_children(node: int, lps: list[float], toks: list[int]) -> None:
+            for lp, t in zip(lps, toks):
+                before = len(tree)
+                child = tree.add(t, node)
+                if len(tree) > before:
+                    logp.append(logp[node] + lp)
+                    assert len(logp) == len(tree)
+
+        lps, toks = self._children(root_logits, min(branch, budget))
+        add_children(0, lps, toks)
+
+        def best() -> list[int]:
+            ranked = sorted(range(1, len(tree)), key=lambda i: (-logp[i], tree.depths[i], i))
+            return ranked[:budget]
+
+        while True:
+            todo = [i for i in best() if i not in expanded and tree.depths[i] < max_depth]
+            if not todo:
+                break
+            todo.sort()
+            logits = self._forward_nodes(todo)
+            lps_all, toks_all = self._children(logits, min(branch, budget))
+            for node, lps, toks in zip(todo, lps_all, toks_all):
+                expanded.add(node)
+                add_children(node, lps, toks)
+        keep = sorted(i for i in best() if tree.depths[i] <= max_depth)
+        out = TokenTree.root(tree.tokens[0])
+        where = {0: 0}
+        for i in keep:  # parents precede children, and a kept node's parent is kept (its logp is higher)
+            where[i] = out.add(tree.tokens[i], where[tree.parents[i]])
+        return out
+
+    def commit(self, accepted: list[int], next_token: int) -> None:
+        """Keep the cache entries of the accepted tokens this SSM processed; queue the rest."""
+        node, slots, i = 0, [], 0
+        while i < len(accepted):
+            child = self._tree.child(node, accepted[i])
+            if child is None or child not in self._slot:
+                break
+            slots.append(self._slot[child])
+            node, i = child, i + 1
+        self.cache.commit(slots)
+        self.backlog = self.backlog + accepted[i:] + [next_token]  # non-empty only if it did not draft
+
+
+class VocabularyMismatchError(ValueError):
+    pass
+
+
+def shared_vocab_size(llm_tokens: list[str], ssm_tokens: list[str], llm_rows: int, ssm_rows: int, name: str) -> int:
+    """The number of leading token ids the two models share; raises if their tokenizers differ.
+
+    Token strings are compared id by id; embedding rows past a tokenizer's vocabulary (padding) are
+    tolerated, never proposed.
+    """
+    n = min(len(llm_tokens), len(ssm_tokens))
+    if len(llm_tokens) != len(ssm_tokens):
+        raise VocabularyMismatchError(
+            f"SSM {name} has a vocabulary of {len(ssm_tokens)} tokens, the LLM {len(llm_tokens)}: "
+            "speculation needs the same tokenizer"
+        )
+    for i in range(n):
+        if llm_tokens[i] != ssm_tokens[i]:
+            raise VocabularyMismatchError(
+                f"SSM {name} and the LLM disagree on token {i}: {ssm_tokens[i]!r} vs {llm_tokens[i]!r}; "
+                "speculation needs the same tokenizer"
+            )
+    if n > min(llm_rows, ssm_rows):
+        raise VocabularyMismatchError(f"SSM {name}: tokenizer has {n} tokens but the embeddings only "
+                                      f"{min(llm_rows, ssm_rows)} rows")
+    return n

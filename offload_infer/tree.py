@@ -1,0 +1,86 @@
+"""Token trees as parallel arrays (tokens, parent, depth) and their attention masks.
+
+Node 0 is the root: the last committed token, which no model has processed yet. Every other node is
+a speculated continuation of its parent. Children always come after their parents.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TokenTree:
+    tokens: list[int]
+    parents: list[int] = field(default_factory=lambda: [-1])
+    depths: list[int] = field(default_factory=lambda: [0])
+    _children: list[dict[int, int]] = field(default_factory=lambda: [{}])
+
+    @classmethod
+    def root(cls, token: int) -> "TokenTree":
+        return cls([token])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, token: int, parent: int) -> int:
+        """Add a child of ``parent``; an existing child with the same token is returned, not duplicated."""
+        existing = self._children[parent].get(token)
+        if existing is not None:
+            return existing
+        i = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self._children.append({})
+        self._children[parent][token] = i
+        return i
+
+    def child(self, node: int, token: int) -> int | None:
+        return self._children[node].get(token)
+
+    def children(self, node: int) -> list[int]:
+        return list(self._children[node].values())
+
+    def path(self, node: int) -> list[int]:
+        """Node indices from the root to ``node``."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parents[node]
+        return out[::-1]
+
+    def merge(self, other: "TokenTree") -> None:
+        """Add every path of ``other`` (same root token), each distinct path once."""
+        assert other.tokens[0] == self.tokens[0], "trees with different roots"
+        where = [0]
+        for i in range(1, len(other)):
+            where.append(self.add(other.tokens[i], where[other.parents[i]]))
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+    def token_tensor(self) -> Tensor:
+        return torch.tensor(self.tokens, dtype=torch.long)
+
+    def depth_tensor(self) -> Tensor:
+        return torch.tensor(self.depths, dtype=torch.long)
+
+    def parent_tensor(self) -> Tensor:
+        return torch.tensor(self.parents, dtype=torch.long)
+
+    def ancestor_mask(self) -> Tensor:
+        """``[T, T]`` bool: node i sees node j iff j is i or one of its ancestors."""
+        n = len(self)
+        mask = torch.eye(n, dtype=torch.bool)
+        for i in range(1, n):
+            mask[i] |= mask[self.parents[i]]
+        return mask
+
+    def attention_mask(self, past: int) -> Tensor:
+        """``[T, past + T]``: every node sees the committed prefix and its own ancestors."""
+        return torch.cat([torch.ones(len(self), past, dtype=torch.bool), self.ancestor_mask()], dim=1)
