@@ -101,10 +101,14 @@ def generate(
                            str(llm_config) if llm_config else None, str(tokenizer) if tokenizer else None)
         main = load_model(resolved, device=dev, dtype=dtype, model_type=llm_model)
         tok = main.tokenizer
+        if tok is None:
+            raise ValueError(f"{resolved.name} has no tokenizer files; pass --tokenizer PATH")
         vocab = tok.vocab_size
         ssms = []
         for name in ssm:
             loaded = load_model(resolve(name), device=dev, dtype=dtype)
+            if loaded.tokenizer is None:
+                raise ValueError(f"SSM {name} has no tokenizer files to check against the LLM's")
             vocab = min(vocab, shared_vocab_size(tok.token_strings(), loaded.tokenizer.token_strings(),
                                                  main.model.vocab_size, loaded.model.vocab_size, name))
             ssms.append(loaded.model)

@@ -18,7 +18,7 @@ from offload_infer.models import CausalLM, FamilyConfig, ModelWeights, ResidentL
 from offload_infer.models.base import LayerSource
 from weights.resolve import ResolvedModel
 from weights.sources import CheckpointError, GGUFSource, SafetensorsSource, TensorSource, TorchBinSource, gguf_config
-from weights.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from weights.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, tokenizer_from_gguf
 
 # Buffers some checkpoints carry that the forward recomputes.
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
@@ -35,7 +35,7 @@ def resident_layers(
 @dataclass
 class LoadedModel:
     model: CausalLM
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None when the checkpoint carries none and none was given
     config_dict: dict  # config.json (or its GGUF equivalent), as read
     name: str
 
@@ -119,6 +119,6 @@ def load_model(
         tokenizer = tokenizer_from_gguf(source.reader, resolved.files[0])  # type: ignore[attr-defined]
     else:
         assert resolved.tokenizer_path is not None
-        tokenizer = load_tokenizer(resolved.tokenizer_path, cfg)
+        tokenizer = load_tokenizer(resolved.tokenizer_path, cfg) if has_tokenizer(resolved.tokenizer_path) else None
     model = CausalLM(config, ModelWeights(globals_, layers), device, dtype)
     return LoadedModel(model, tokenizer, cfg, resolved.name)

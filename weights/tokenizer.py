@@ -132,6 +132,13 @@ def _eos_from_config(value) -> set[int]:
     return {int(v) for v in value} if isinstance(value, list) else {int(value)}
 
 
+def has_tokenizer(path: Path) -> bool:
+    path = Path(path)
+    if path.is_file():
+        return True
+    return any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
 def load_tokenizer(path: Path, model_config: dict | None = None) -> Tokenizer:
     """From a directory (or a ``tokenizer.json``/``tokenizer.model`` file), with the special ids and
     chat template of ``tokenizer_config.json``, ``generation_config.json`` and the model config."""

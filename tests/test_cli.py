@@ -1,0 +1,95 @@
+"""The ``offload-infer`` command line, including its errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from offload_infer.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_generate_writes_output_file(tiny_dirs, tmp_path):
+    d = tiny_dirs["llama"][0]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["The quick", "def add"]))
+    out = tmp_path / "out.json"
+    r = run("generate", "--prompt-file", prompts, "-m", d, "-n", 8, "--no-chat", "--output-file", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    assert [x["prompt"] for x in res] == ["The quick", "def add"]
+    for x in res:
+        assert set(x) >= {"prompt", "prompt_token_ids", "output_token_ids", "output_text", "latency_s", "llm_passes",
+                          "tokens_per_s"}
+        assert 1 <= len(x["output_token_ids"]) <= 8
+        assert x["output_text"] in r.stdout
+
+
+def test_generate_json_and_ssm_same_tokens(tiny_dirs):
+    d = tiny_dirs["qwen2"][0]
+    base = run("generate", "hello fox", "-m", d, "-n", 12, "--json", "--no-chat")
+    spec = run("generate", "hello fox", "-m", d, "-n", 12, "--json", "--no-chat", "--ssm", d, "--tree-budget", 8)
+    assert base.exit_code == 0 and spec.exit_code == 0, base.output + spec.output
+    b, s = json.loads(base.stdout)[0], json.loads(spec.stdout)[0]
+    assert b["output_token_ids"] == s["output_token_ids"]
+    assert s["llm_passes"] < b["llm_passes"]
+    assert "acceptance_per_depth" in s and "tokens_per_pass_histogram" in s
+
+
+def test_chat_template_is_default_when_present(tiny_dirs):
+    d = tiny_dirs["llama"][0]
+    r = run("generate", "hi", "-m", d, "-n", 2, "--json")
+    assert r.exit_code == 0, r.output
+    ids = json.loads(r.stdout)[0]["prompt_token_ids"]
+    r2 = run("generate", "hi", "-m", d, "-n", 2, "--json", "--no-chat")
+    assert len(ids) > len(json.loads(r2.stdout)[0]["prompt_token_ids"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["The quick brown fox jumps over the lazy dog", "-m", "{d}", "--max-sequence-length", "4", "--no-chat"], "prompt of"),
+        (["hi", "-m", "{tmp}/missing.gguf"], "does not exist"),
+        (["hi", "-m", "{d}", "--llm-model", "gpt5"], "unsupported model type 'gpt5'"),
+        (["hi", "-m", "{d}", "--temperature", "0.5", "--top-p", "1.5"], "top_p"),
+        (["hi", "-m", "{d}", "--expansion", "1,x"], "comma-separated"),
+        (["hi", "-m", "{d}", "--max-sequence-length", "100000"], "exceeds the model's context"),
+        (["--prompt-file", "{tmp}/bad.json", "-m", "{d}"], "JSON list"),
+        (["-m", "{d}"], "PROMPT"),
+        (["hi", "-m", "{d}", "--llm-weight", "{d}"], "--llm-config"),
+    ],
+)
+def test_bad_input_errors(tiny_dirs, tmp_path, args, message):
+    d = tiny_dirs["llama"][0]
+    (tmp_path / "bad.json").write_text('{"not": "a list"}')
+    args = [a.format(d=d, tmp=tmp_path) for a in args]
+    r = run("generate", *args)
+    assert r.exit_code != 0
+    assert message in r.output
+
+
+def test_ssm_with_other_vocabulary_is_refused(tiny_dirs, tmp_path):
+    import shutil
+
+    d = tiny_dirs["llama"][0]
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dirs["qwen2"][0], other)
+    tj = json.loads((other / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+    r = run("generate", "hi", "-m", d, "--ssm", other, "-n", 2)
+    assert r.exit_code != 0 and "disagree on token" in r.output
+
+
+def test_models_list():
+    r = run("models", "list")
+    assert r.exit_code == 0 and "smollm2-135m-instruct" in r.output and "qwen2.5-coder-1.5b-instruct" in r.output
