@@ -1,0 +1,129 @@
+"""Token-tree speculation: output equals incremental decoding token for token (fp32), whatever the SSMs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_infer.engine import Engine, GenerationStats
+from offload_infer.kv_cache import KVCache
+from offload_infer.sampling import SamplingConfig
+from offload_infer.speculate import TreeConfig
+from tests.conftest import build_hf, llama_cfg
+from weights.load import load_model
+from weights.resolve import resolve
+
+PROMPT = [5, 17, 42, 7, 99, 3]
+
+
+def _load(d):
+    return load_model(resolve(str(d)), progress=False).model
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dirs, tmp_path_factory):
+    d = tmp_path_factory.mktemp("random-ssm")
+    build_hf(llama_cfg(num_hidden_layers=1), seed=123).save_pretrained(d)
+    return {"llama": _load(tiny_dirs["llama"][0]), "opt": _load(tiny_dirs["opt"][0]),
+            "qwen2": _load(tiny_dirs["qwen2"][0]), "random": _load(d)}
+
+
+def run(llm, ssms, tree=None, n=40, eos=None, max_len=128, sampling=SamplingConfig(), seed=None, stats=None):
+    engine = Engine(llm, ssms, tree or TreeConfig(), max_sequence_length=max_len, eos_ids=eos)
+    return [t for step in engine.generate(PROMPT, n, sampling, seed, stats) for t in step]
+
+
+class StubSSM:
+    """Looks like a CausalLM to the drafter, but always prefers the same tokens: forced rejections."""
+
+    def __init__(self, like, favourite: int) -> None:
+        self.config, self.vocab_size, self.fav = like.config, like.vocab_size, favourite
+
+    def new_cache(self, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, "cpu", torch.float32)
+
+    def forward(self, tokens, positions, cache, mask=None):
+        cache.reserve(len(tokens))
+        logits = torch.zeros(len(tokens), self.vocab_size)
+        logits[:, self.fav] = 5.0
+        logits[:, (self.fav + 1) % self.vocab_size] = 4.0
+        return logits
+
+
+TREES = {
+    "chain": TreeConfig(expansion=(1, 1, 1, 1, 1)),
+    "wide": TreeConfig(expansion=(4, 3, 2)),
+    "specinfer": TreeConfig(expansion=(1, 1, 3, 1, 1, 1, 1, 1)),
+    "budget1": TreeConfig(budget=1),
+    "budget16": TreeConfig(budget=16),
+    "budget-over-max-new": TreeConfig(budget=200, max_depth=50, branch=4),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("tree", list(TREES))
+def test_greedy_speculation_equals_incremental(models, family, tree):
+    llm = models[family]
+    ref = run(llm, [])
+    assert len(ref) == 40
+    ssm_same = models[family]
+    assert run(llm, [ssm_same], TREES[tree]) == ref
+    assert run(llm, [models["random"] if family == "llama" else StubSSM(llm, 7)], TREES[tree]) == ref
+
+
+def test_identical_ssm_gets_the_whole_path_accepted(models):
+    llm = models["llama"]
+    stats = GenerationStats()
+    out = run(llm, [llm], TreeConfig(expansion=(1, 1, 1, 1)), n=41, stats=stats)
+    assert out == run(llm, [], n=41)
+    assert stats.tokens_per_pass == [5] * 8  # 1 prefill token + 8 passes x (4 accepted + 1 bonus)
+    assert all(v == 1.0 for v in GenerationStats.as_dict(stats)["acceptance_per_depth"].values())
+
+
+def test_several_ssms_merged(models):
+    llm = models["llama"]
+    stats = GenerationStats()
+    out = run(llm, [models["random"], llm, StubSSM(llm, 11)], TreeConfig(budget=8), stats=stats)
+    assert out == run(llm, [])
+    assert max(stats.tree_sizes) > 8  # three trees merged
+    assert stats.llm_passes < 40
+
+
+def test_eos_and_length_limit_inside_accepted_path(models):
+    llm = models["qwen2"]
+    ref = run(llm, [])
+    eos = ref[9]
+    first = ref.index(eos)
+    tree = TreeConfig(expansion=(1,) * 12)
+    assert run(llm, [llm], tree, eos={eos}) == ref[: first + 1]
+    assert run(llm, [llm], tree, n=7) == ref[:7]
+    # the maximum sequence length cuts inside a path too
+    assert run(llm, [llm], tree, max_len=len(PROMPT) + 5) == ref[:5]
+
+
+def test_kv_consistency_after_many_forced_rejections(models):
+    llm = models["llama"]
+    stats = GenerationStats()
+    ref = run(llm, [], n=80, max_len=160)
+    out = run(llm, [StubSSM(llm, 250), models["random"]], TreeConfig(expansion=(3, 2, 2)), n=80, max_len=160,
+              stats=stats)
+    assert out == ref
+    assert stats.llm_passes >= 50  # mostly rejected: many steps, each compacting the caches
+
+
+def test_seeded_sampling_matches_incremental_sampling(models):
+    llm = models["llama"]
+    s = SamplingConfig(temperature=0.8, top_k=50, top_p=0.95)
+    ref = run(llm, [], sampling=s, seed=7)
+    assert run(llm, [llm], TreeConfig(budget=8), sampling=s, seed=7) == ref
+    assert run(llm, [models["random"]], TreeConfig(expansion=(2, 2)), sampling=s, seed=7) == ref
+    assert run(llm, [], sampling=s, seed=8) != ref
+
+
+def test_tree_config_errors():
+    with pytest.raises(ValueError, match="budget"):
+        TreeConfig(budget=0)
+    with pytest.raises(ValueError, match="expansion"):
+        TreeConfig(expansion=(1, 0))
+    assert TreeConfig(expansion=(1, 1, 3, 1)).max_nodes == 1 + 1 + 3 + 3
