@@ -75,6 +75,12 @@ def generate(
     use_full_precision: bool = typer.Option(False, help="fp32 (default: fp16 on CUDA, fp32 on CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: when the checkpoint has one)."),
+    offload: bool = typer.Option(False, help="Stream the LLM's decoder layers from host memory."),
+    offload_reserve_space_size: str = typer.Option("4G", help="Device memory cap for the LLM's weights (MB, or K/M/G suffix)."),
+    quant_4bit: bool = typer.Option(False, "--4bit-quantization", help="Stream int4 (NF4) weights."),
+    quant_8bit: bool = typer.Option(False, "--8bit-quantization", help="Stream int8 weights."),
+    quant_codec: Optional[str] = typer.Option(None, help="Codec: nf4, fp4, int8-row, int8-block (overrides the flags)."),
+    quant_block_size: int = typer.Option(64, help="Elements per scale for block codecs."),
     output_file: Optional[Path] = typer.Option(None, help="Write results as a JSON list."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of streaming text."),
 ) -> None:
@@ -85,7 +91,8 @@ def generate(
     from offload_infer.requests import RequestManager
     from offload_infer.sampling import SamplingConfig
     from offload_infer.speculate import TreeConfig, shared_vocab_size
-    from weights.load import load_model
+    from offload_infer.offload import OffloadBuilder, parse_size
+    from weights.load import load_model, resident_layers
     from weights.resolve import resolve
 
     prompts = _prompts(prompt, prompt_file)
@@ -96,10 +103,18 @@ def generate(
         raise typer.BadParameter(str(e)) from None
     dev = _device(device)
     dtype = torch.float32 if (use_full_precision or dev.type == "cpu") else torch.float16
+    if quant_4bit and quant_8bit:
+        raise typer.BadParameter("choose one of --4bit-quantization and --8bit-quantization")
+    codec = quant_codec or ("nf4" if quant_4bit else "int8-row" if quant_8bit else None)
+    if codec and not offload:
+        raise typer.BadParameter("weight compression applies to streamed weights: add --offload")
     try:
         resolved = resolve(llm if llm_weight is None else None, str(llm_weight) if llm_weight else None,
                            str(llm_config) if llm_config else None, str(tokenizer) if tokenizer else None)
-        main = load_model(resolved, device=dev, dtype=dtype, model_type=llm_model)
+        builder = resident_layers
+        if offload:
+            builder = OffloadBuilder(parse_size(offload_reserve_space_size), codec, quant_block_size)
+        main = load_model(resolved, device=dev, dtype=dtype, model_type=llm_model, layer_builder=builder)
         tok = main.tokenizer
         if tok is None:
             raise ValueError(f"{resolved.name} has no tokenizer files; pass --tokenizer PATH")

@@ -112,6 +112,9 @@ def load_model(
     source, cfg = open_source(resolved)
     config = config_from_dict(cfg, model_type)
     mapping = _plan_names(config, source)
+    prepare = getattr(layer_builder, "prepare", None)
+    if prepare is not None:  # plan (and check memory) before anything large is allocated
+        prepare(config, device, dtype)
     globals_ = {n: _cast(source.load(mapping[n]), dtype).to(device) for n in config.global_shapes()}
     layers = layer_builder(config, iter_layers(config, source, mapping, dtype, progress, f"loading {resolved.name}"),
                            device, dtype)

@@ -1,0 +1,326 @@
+"""Weight streaming (FlexGen-style): decoder layers in pinned host memory, one contiguous (optionally
+int4/int8-compressed) buffer per layer, copied into a ring of device buffers on a side CUDA stream and
+decompressed on the device just before use.
+
+Pass structure on CUDA: while layer k computes on the default stream, the copy stream moves layer
+k+R-1 into the slot that layer k-1 has just released (events order both ways). ``prefetch()`` issues
+the first R copies of the next pass early, so they overlap the SSMs building the next tree. Without
+CUDA the same plan runs on the CPU: each streamed layer is decompressed from its host buffer per pass.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from offload_infer.models.base import FamilyConfig
+from quant.codecs import QuantState, dequantize, packed_nbytes, quantize
+
+ALIGN = 64  # byte alignment of every tensor inside a layer buffer (keeps dtype views legal and copies fast)
+
+
+class OffloadPlanError(ValueError):
+    """The model cannot run within the memory it was given."""
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"4096"`` (MB), ``"512M"``, ``"4G"``, ``"100K"``."""
+    if isinstance(text, int):
+        return text * 2**20
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"invalid size {text!r}: expected a number of MB or one with a K/M/G/T suffix")
+    unit = {"": 2**20, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+    return int(float(m.group(1)) * unit)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _is_compressed(shape: tuple[int, ...], codec: str | None) -> bool:
+    return codec is not None and len(shape) == 2
+
+
+def layer_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, codec: str | None, block_size: int) -> int:
+    """Bytes of one layer's packed buffer."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    total = 0
+    for shape in shapes.values():
+        numel = math.prod(shape)
+        if _is_compressed(shape, codec):
+            packed, scales = packed_nbytes(numel, codec, block_size, shape[0])  # type: ignore[arg-type]
+            total += _align(packed) + _align(scales)
+        else:
+            total += _align(numel * size)
+    return total
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    codec: str | None  # compression of streamed layers: nf4 | fp4 | int8-row | int8-block | None (model dtype)
+    block_size: int  # elements per scale for block codecs
+    resident_layers: tuple[int, ...]  # decoder layers kept on the device, uncompressed
+    streamed_layers: tuple[int, ...]  # decoder layers that stream from host memory every pass
+    ring_slots: int  # device buffers the streamed layers rotate through
+    dense_layer_bytes: int  # one decoder layer at the compute dtype
+    packed_layer_bytes: int  # one decoder layer's host buffer (compressed when codec is set)
+    global_bytes: int  # embeddings, final norm, lm_head: always on the device
+    reserve_bytes: int  # the user's cap on device memory for the LLM's weights
+
+    @property
+    def gpu_bytes(self) -> int:
+        ring = self.ring_slots * self.packed_layer_bytes if self.streamed_layers else 0
+        return self.global_bytes + len(self.resident_layers) * self.dense_layer_bytes + ring
+
+    @property
+    def pinned_bytes(self) -> int:
+        return len(self.streamed_layers) * self.packed_layer_bytes
+
+    def describe(self) -> str:
+        gb = 1e9
+        return (f"offload plan: {len(self.resident_layers)} resident / {len(self.streamed_layers)} streamed layers, "
+                f"codec {self.codec or 'none'}, {self.ring_slots} ring slots; device {self.gpu_bytes / gb:.2f} GB "
+                f"(reserve {self.reserve_bytes / gb:.2f} GB), pinned host {self.pinned_bytes / gb:.2f} GB")
+
+
+def make_plan(config: FamilyConfig, dtype: torch.dtype, reserve_bytes: int, codec: str | None = None,
+              block_size: int = 64, ring_slots: int = 2) -> OffloadPlan:
+    size = torch.tensor([], dtype=dtype).element_size()
+    shapes = config.layer_shapes()
+    dense = sum(math.prod(s) for s in shapes.values()) * size
+    packed = layer_bytes(shapes, dtype, codec, block_size)
+    glob = sum(math.prod(s) for s in config.global_shapes().values()) * size
+    n = config.n_layers
+    if reserve_bytes >= glob + n * dense:
+        resident = n
+    else:
+        need = glob + ring_slots * packed
+        if reserve_bytes < need:
+            raise OffloadPlanError(
+                f"--offload-reserve-space-size of {reserve_bytes / 2**20:.0f} MB is too small: the embeddings and "
+                f"head need {glob / 2**20:.0f} MB and {ring_slots} ring buffers of one streamed layer "
+                f"{ring_slots * packed / 2**20:.0f} MB, at least {need / 2**20:.0f} MB in all"
+            )
+        resident = min(n - 1, (reserve_bytes - need) // dense)
+    return OffloadPlan(codec, block_size, tuple(range(resident)), tuple(range(resident, n)), ring_slots, dense,
+                       packed, glob, reserve_bytes)
+
+
+def available_host_bytes() -> int:
+    """Available RAM, within this process's cgroup limit when there is one."""
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = open(limit_file).read().strip()
+            if limit != "max" and int(limit) < 2**60:
+                avail = min(avail, int(limit) - int(open(usage_file).read().strip()))
+            break
+        except (OSError, ValueError):
+            continue
+    return avail
+
+
+def check_plan(plan: OffloadPlan, device: torch.device, kv_bytes: int, activation_bytes: int = 256 * 2**20) -> None:
+    """Fail early, with numbers, when the plan cannot fit in host RAM or device memory."""
+    host = available_host_bytes()
+    if plan.pinned_bytes > host:
+        raise OffloadPlanError(f"streaming needs {plan.pinned_bytes / 1e9:.2f} GB of host RAM for the offloaded "
+                               f"layers, {host / 1e9:.2f} GB is available (use --4bit-quantization to shrink it)")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        need = plan.gpu_bytes + kv_bytes + activation_bytes
+        if need > free:
+            raise OffloadPlanError(
+                f"the model needs {need / 1e9:.2f} GB of GPU memory (weights {plan.gpu_bytes / 1e9:.2f}, KV cache "
+                f"{kv_bytes / 1e9:.2f}, activations {activation_bytes / 1e9:.2f}); {free / 1e9:.2f} GB is free. "
+                "Lower --offload-reserve-space-size or --max-sequence-length"
+            )
+
+
+# -- packed layers ------------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    name: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype  # raw entries: the tensor's dtype; compressed: uint8
+    shape: tuple[int, ...]
+    state: QuantState | None = None  # compressed entries: codec state (scales read from the buffer)
+    scales_offset: int = 0
+    scales_nbytes: int = 0
+
+
+@dataclass
+class PackedLayer:
+    buffer: Tensor  # uint8, pinned when possible: the layer in one piece
+    entries: list[Entry] = field(default_factory=list)
+
+
+_pin_warned = False
+
+
+def host_buffer(nbytes: int, pin: bool) -> Tensor:
+    global _pin_warned
+    if pin and torch.cuda.is_available():
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as e:
+            if not _pin_warned:
+                warnings.warn(f"pinning host memory failed ({e}); falling back to pageable memory, copies will be "
+                              "slower", stacklevel=2)
+                _pin_warned = True
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _bytes(t: Tensor) -> Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def pack_layer(weights: dict[str, Tensor], codec: str | None, block_size: int, quant_device: torch.device,
+               pin: bool = True, prepacked: dict[str, tuple[Tensor, QuantState]] | None = None) -> PackedLayer:
+    """One host buffer holding every tensor of a layer; 2-D weights compressed when ``codec`` is set.
+    ``prepacked`` gives weights already compressed (from a compressed checkpoint)."""
+    parts: list[tuple[Entry, Tensor, Tensor | None]] = []
+    offset = 0
+    for name, t in {**weights, **(prepacked or {})}.items():
+        if prepacked and name in prepacked:
+            packed, state = prepacked[name]
+        elif _is_compressed(tuple(t.shape), codec):
+            packed, state = quantize(t.to(quant_device), codec, block_size)  # type: ignore[arg-type]
+        else:
+            raw = _bytes(t.cpu())
+            parts.append((Entry(name, offset, raw.numel(), t.dtype, tuple(t.shape)), raw, None))
+            offset += _align(raw.numel())
+            continue
+        p, s = _bytes(packed.cpu()), _bytes(state.scales.float().cpu())
+        e = Entry(name, offset, p.numel(), torch.uint8, tuple(packed.shape), state.with_scales(torch.empty(0)),
+                  offset + _align(p.numel()), s.numel())
+        parts.append((e, p, s))
+        offset += _align(p.numel()) + _align(s.numel())
+    buf = host_buffer(max(offset, ALIGN), pin)
+    for e, p, s in parts:
+        buf[e.offset : e.offset + e.nbytes] = p
+        if s is not None:
+            buf[e.scales_offset : e.scales_offset + e.scales_nbytes] = s
+    return PackedLayer(buf, [e for e, _, _ in parts])
+
+
+def unpack_layer(buf: Tensor, layer: PackedLayer, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Dense weights from a layer buffer (host or device); compressed ones are decompressed where ``buf`` is."""
+    out = {}
+    for e in layer.entries:
+        data = buf[e.offset : e.offset + e.nbytes]
+        if e.state is None:
+            out[e.name] = data.view(e.dtype).view(e.shape)
+        else:
+            scales = buf[e.scales_offset : e.scales_offset + e.scales_nbytes].view(torch.float32)
+            out[e.name] = dequantize(data, e.state.with_scales(scales), dtype)
+    return out
+
+
+class StreamedLayers:
+    """A ``LayerSource`` whose non-resident layers stream from host buffers (see the module docstring)."""
+
+    def __init__(self, n_layers: int, resident: dict[int, dict[str, Tensor]], packed: dict[int, PackedLayer],
+                 device: torch.device, dtype: torch.dtype, ring_slots: int) -> None:
+        self.n_layers = n_layers
+        self.resident = resident
+        self.packed = packed
+        self.device = device
+        self.dtype = dtype
+        self.order = sorted(packed)  # streamed layers in pass order
+        self.ring = max(1, min(ring_slots, len(self.order)))
+        self.bytes_streamed = 0  # host-to-device bytes since creation (benchmarks read it)
+        self._issued: set[int] = set()  # positions in ``order`` whose copy is in flight for this pass
+        self.cuda = device.type == "cuda" and bool(self.order)
+        if self.cuda:
+            size = max(p.buffer.numel() for p in packed.values())
+            self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(self.ring)]
+            self.copy_stream = torch.cuda.Stream(device)
+            self.ready = [torch.cuda.Event() for _ in range(self.ring)]
+            self.free = [torch.cuda.Event() for _ in range(self.ring)]
+            for ev in self.free:
+                ev.record()
+
+    def _issue(self, pos: int) -> None:
+        if pos in self._issued or pos >= len(self.order):
+            return
+        s = pos % self.ring
+        buf = self.packed[self.order[pos]].buffer
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.free[s])  # the slot's previous layer is done with it
+            self.slots[s][: buf.numel()].copy_(buf, non_blocking=True)
+            self.ready[s].record(self.copy_stream)
+        self.bytes_streamed += buf.numel()
+        self._issued.add(pos)
+
+    def prefetch(self) -> None:
+        if self.cuda:
+            for pos in range(self.ring):
+                self._issue(pos)
+
+    def layers(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
+        pos = 0
+        for i in range(self.n_layers):
+            if i in self.resident:
+                yield i, self.resident[i]
+                continue
+            layer = self.packed[i]
+            if not self.cuda:
+                yield i, unpack_layer(layer.buffer, layer, self.dtype)
+                continue
+            for ahead in range(pos, pos + self.ring):
+                self._issue(ahead)
+            s = pos % self.ring
+            torch.cuda.current_stream(self.device).wait_event(self.ready[s])
+            yield i, unpack_layer(self.slots[s], layer, self.dtype)
+            self.free[s].record()  # everything using slot s has been enqueued
+            pos += 1
+        self._issued.clear()
+
+
+class OffloadBuilder:
+    """``load_model``'s layer builder for an offloaded LLM: plans first, then packs layer by layer
+    straight from the checkpoint into pinned buffers (no second host copy of the weights)."""
+
+    def __init__(self, reserve_bytes: int, codec: str | None = None, block_size: int = 64, ring_slots: int = 2,
+                 kv_bytes: int = 0, pin: bool = True, verbose: bool = True) -> None:
+        self.reserve_bytes, self.codec, self.block_size = reserve_bytes, codec, block_size
+        self.ring_slots, self.kv_bytes, self.pin, self.verbose = ring_slots, kv_bytes, pin, verbose
+        self.plan: OffloadPlan | None = None
+
+    def prepare(self, config: FamilyConfig, device: torch.device, dtype: torch.dtype) -> OffloadPlan:
+        self.plan = make_plan(config, dtype, self.reserve_bytes, self.codec, self.block_size, self.ring_slots)
+        check_plan(self.plan, device, self.kv_bytes)
+        if self.verbose:
+            print(self.plan.describe(), file=sys.stderr)
+        return self.plan
+
+    def __call__(self, config: FamilyConfig, layers: Iterator[dict[str, Tensor]], device: torch.device,
+                 dtype: torch.dtype) -> StreamedLayers:
+        plan = self.plan or self.prepare(config, device, dtype)
+        resident: dict[int, dict[str, Tensor]] = {}
+        packed: dict[int, PackedLayer] = {}
+        qdev = device if device.type == "cuda" else torch.device("cpu")
+        for i, w in enumerate(layers):
+            prepacked = w.pop("__prepacked__", None)
+            if i in plan.resident_layers:
+                if prepacked:
+                    w |= {k: dequantize(p.to(device), st.with_scales(st.scales.to(device)), dtype)
+                          for k, (p, st) in prepacked.items()}
+                resident[i] = {k: t.to(device=device, dtype=dtype) for k, t in w.items()}
+            else:
+                packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, prepacked)
+        return StreamedLayers(config.n_layers, resident, packed, device, dtype, plan.ring_slots)

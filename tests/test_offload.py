@@ -1,0 +1,155 @@
+"""Weight streaming: plans, packed layers, offloaded output against resident output, codecs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_infer.engine import Engine
+from offload_infer.offload import OffloadBuilder, OffloadPlanError, make_plan, pack_layer, parse_size, unpack_layer
+from offload_infer.speculate import TreeConfig
+from quant.codecs import CODECS, dequantize, quantize
+from weights.load import load_model
+from weights.resolve import resolve
+
+PROMPT = [5, 17, 42, 7, 99, 3]
+
+
+def _gen(model, ssms=(), n=24, tree=None):
+    e = Engine(model, list(ssms), tree or TreeConfig(), max_sequence_length=96)
+    return [t for s in e.generate(PROMPT, n) for t in s]
+
+
+def test_parse_size():
+    assert parse_size("4096") == 4096 * 2**20
+    assert parse_size("4G") == 4 * 2**30 and parse_size("512M") == 512 * 2**20 and parse_size("100k") == 100 * 1024
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size("lots")
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_codec_round_trip_error_bounds(codec):
+    # relative Frobenius error, worst over 50 random matrices; bounds measured then given ~25% headroom
+    bound = {"nf4": 0.12, "fp4": 0.16, "int8-row": 0.012, "int8-block": 0.013}[codec]
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for _ in range(50):
+        w = torch.randn(64, 256, generator=g) * torch.rand(1, generator=g) * 3
+        packed, state = quantize(w, codec, 64)
+        assert packed.dtype == torch.uint8
+        back = dequantize(packed, state)
+        assert back.shape == w.shape and back.dtype == w.dtype
+        worst = max(worst, float((back - w).norm() / w.norm()))
+    assert worst < bound, worst
+
+
+def test_codec_errors():
+    with pytest.raises(ValueError, match="unknown codec"):
+        quantize(torch.randn(8, 64), "int3")
+    with pytest.raises(ValueError, match="invalid block size 48"):
+        quantize(torch.randn(8, 64), "nf4", 48)
+
+
+def test_pack_unpack_exact_without_codec():
+    w = {"a.weight": torch.randn(7, 5), "a.bias": torch.randn(7), "n.weight": torch.randn(3)}
+    layer = pack_layer(w, None, 64, torch.device("cpu"), pin=False)
+    assert layer.buffer.dtype == torch.uint8 and layer.buffer.ndim == 1
+    back = unpack_layer(layer.buffer, layer, torch.float32)
+    for k in w:
+        assert torch.equal(back[k], w[k])
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """Six layers, so that two ring slots hold less than the model and every layer streams."""
+    from tests.conftest import build_hf, llama_cfg
+
+    d = tmp_path_factory.mktemp("llama6")
+    build_hf(llama_cfg(num_hidden_layers=6)).save_pretrained(d)
+    return d
+
+
+def _load(d, builder=None, **kw):
+    from weights.load import resident_layers
+
+    return load_model(resolve(str(d)), layer_builder=builder or resident_layers, progress=False, **kw).model
+
+
+def test_plan_budget_edges(llama_dir):
+    model = _load(llama_dir)
+    cfg = model.config
+    big = make_plan(cfg, torch.float32, 2**30)
+    assert big.streamed_layers == () and len(big.resident_layers) == cfg.n_layers
+    tight = make_plan(cfg, torch.float32, big.global_bytes + 2 * big.packed_layer_bytes)
+    assert tight.resident_layers == () and tight.streamed_layers == tuple(range(cfg.n_layers))
+    one = make_plan(cfg, torch.float32, tight.reserve_bytes + big.dense_layer_bytes)
+    assert one.resident_layers == (0,)
+    with pytest.raises(OffloadPlanError, match="too small.*ring buffers"):
+        make_plan(cfg, torch.float32, big.global_bytes + big.packed_layer_bytes)
+    q = make_plan(cfg, torch.float32, tight.reserve_bytes, "nf4")
+    assert q.packed_layer_bytes < big.packed_layer_bytes / 4 and len(q.resident_layers) > 0
+
+
+def test_plan_refuses_more_pinned_memory_than_available(llama_dir, monkeypatch):
+    import offload_infer.offload as off
+
+    monkeypatch.setattr(off, "available_host_bytes", lambda: 1000)
+    with pytest.raises(OffloadPlanError, match="host RAM"):
+        _load(llama_dir, _streamed_builder(llama_dir))
+
+
+def _streamed_builder(d, codec=None, ring=2):
+    """A builder whose reserve holds the globals and the ring only: every layer streams."""
+    cfg = _load(d).config
+    p = make_plan(cfg, torch.float32, 2**30, codec)
+    return OffloadBuilder(p.global_bytes + ring * p.packed_layer_bytes, codec, ring_slots=ring, verbose=False)
+
+
+@pytest.mark.parametrize("name", ["llama6", "opt-350m-style", "qwen2"])
+def test_offloaded_output_equals_resident_exactly(tiny_dirs, llama_dir, name):
+    d = llama_dir if name == "llama6" else tiny_dirs[name][0]
+    resident = _load(d)
+    streamed = _load(d, _streamed_builder(d, ring=1))
+    assert streamed.weights.layers.order == list(range(resident.config.n_layers))
+    ids = torch.arange(3, 30)
+    a = resident.forward(ids, torch.arange(len(ids)), resident.new_cache(32))
+    b = streamed.forward(ids, torch.arange(len(ids)), streamed.new_cache(32))
+    assert torch.equal(a, b)
+    assert _gen(resident) == _gen(streamed)
+
+
+@pytest.mark.parametrize("codec", ["nf4", "int8-row"])
+def test_speculation_with_quantized_offloaded_llm_equals_its_incremental_output(llama_dir, codec):
+    llm = _load(llama_dir, _streamed_builder(llama_dir, codec))
+    ssm = _load(llama_dir)  # the unquantized model is a good, imperfect SSM for its quantized self
+    ref = _gen(llm)
+    assert _gen(llm, [ssm], tree=TreeConfig(budget=8)) == ref
+    assert _gen(llm, [ssm], tree=TreeConfig(expansion=(2, 1, 1))) == ref
+
+
+def test_quantized_model_stays_close_to_fp32(llama_dir):
+    ref = _load(llama_dir)
+    q = _load(llama_dir, _streamed_builder(llama_dir, "int8-row"))
+    ids = torch.arange(3, 30)
+    a = ref.forward(ids, torch.arange(len(ids)), ref.new_cache(32))
+    b = q.forward(ids, torch.arange(len(ids)), q.new_cache(32))
+    assert float((a - b).norm() / a.norm()) < 0.05
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("codec", [None, "nf4", "int8-row"])
+def test_cuda_streaming_matches_resident(llama_dir, codec):
+    dev = torch.device("cuda")
+    resident = _load(llama_dir, device=dev, dtype=torch.float32)
+    builder = _streamed_builder(llama_dir, codec)
+    streamed = _load(llama_dir, builder, device=dev, dtype=torch.float32)
+    if codec is None:
+        ids = torch.arange(3, 30)
+        a = resident.forward(ids, torch.arange(len(ids)), resident.new_cache(32))
+        b = streamed.forward(ids, torch.arange(len(ids)), streamed.new_cache(32))
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert _gen(resident) == _gen(streamed)
+    cpu = _load(llama_dir, _streamed_builder(llama_dir, codec))
+    assert _gen(streamed, [resident], tree=TreeConfig(budget=8)) == _gen(streamed)
+    assert streamed.weights.layers.bytes_streamed > 0
+    assert _gen(cpu) == _gen(streamed)
