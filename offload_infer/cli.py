@@ -153,6 +153,40 @@ def generate(
         output_file.write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="Hub id, local directory, .gguf file, or offline model name."),
+    out: Path = typer.Option(..., "--out", help="Output directory."),
+    bits: int = typer.Option(4, "--bits", help="4 (NF4) or 8 (int8 row-wise)."),
+    codec: Optional[str] = typer.Option(None, help="nf4, fp4, int8-row or int8-block (overrides --bits)."),
+    block_size: int = typer.Option(64, help="Elements per scale for block codecs."),
+    dtype: str = typer.Option("float16", help="dtype of the uncompressed tensors: float16, bfloat16, float32."),
+    llm_model: Optional[str] = typer.Option(None, help="Force the model family."),
+    force: bool = typer.Option(False, help="Overwrite a non-empty output directory."),
+    device: str = typer.Option("auto", help="Where to quantize (auto: the GPU when there is one)."),
+) -> None:
+    """Compress a checkpoint's decoder-layer weights ahead of time, for `generate --offload`."""
+    import torch
+
+    from quant.codecs import CODECS
+    from weights.compress import compress as run_compress
+    from weights.resolve import resolve
+
+    if bits not in (4, 8):
+        raise typer.BadParameter(f"--bits must be 4 or 8, got {bits}")
+    codec = codec or ("nf4" if bits == 4 else "int8-row")
+    if codec not in CODECS:
+        raise typer.BadParameter(f"unknown codec {codec!r}; supported: {', '.join(CODECS)}")
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"unknown dtype {dtype!r}; supported: {', '.join(dtypes)}")
+    try:
+        path = run_compress(resolve(model), out, codec, block_size, dtypes[dtype], force, _device(device), llm_model)
+    except (ValueError, OSError, RuntimeError) as e:
+        _err(str(e))
+    typer.echo(str(path))
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the offline models and whether they are cached."""

@@ -301,7 +301,14 @@ class OffloadBuilder:
         self.ring_slots, self.kv_bytes, self.pin, self.verbose = ring_slots, kv_bytes, pin, verbose
         self.plan: OffloadPlan | None = None
 
-    def prepare(self, config: FamilyConfig, device: torch.device, dtype: torch.dtype) -> OffloadPlan:
+    def prepare(self, config: FamilyConfig, device: torch.device, dtype: torch.dtype, stored_codec: str | None = None,
+                stored_block_size: int | None = None) -> OffloadPlan:
+        """Plan and check memory; a compressed checkpoint's codec is used as stored (never recompressed)."""
+        if stored_codec is not None:
+            if self.codec not in (None, stored_codec) or (self.codec and self.block_size != stored_block_size):
+                raise OffloadPlanError(f"the checkpoint is compressed with {stored_codec} (block {stored_block_size}); "
+                                       f"it cannot be streamed as {self.codec} (block {self.block_size})")
+            self.codec, self.block_size = stored_codec, stored_block_size or self.block_size
         self.plan = make_plan(config, dtype, self.reserve_bytes, self.codec, self.block_size, self.ring_slots)
         check_plan(self.plan, device, self.kv_bytes)
         if self.verbose:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -153,3 +155,52 @@ def test_cuda_streaming_matches_resident(llama_dir, codec):
     assert _gen(streamed, [resident], tree=TreeConfig(budget=8)) == _gen(streamed)
     assert streamed.weights.layers.bytes_streamed > 0
     assert _gen(cpu) == _gen(streamed)
+
+
+# -- the compression tool ---------------------------------------------------------------------------
+def test_compressed_checkpoint_gives_same_tokens_as_compressing_at_load(llama_dir, tmp_path, tiny_tokenizer_dir):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from offload_infer.cli import app
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy(f, src / f.name)
+    out = tmp_path / "nf4"
+    r = CliRunner().invoke(app, ["compress", str(src), "--out", str(out), "--bits", "4", "--dtype", "float32"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "config.json").read_text())["offload_infer_compression"]
+    assert meta["codec"] == "nf4" and meta["format_version"] == "1"
+    at_load = _gen(_load(src, _streamed_builder(src, "nf4")))
+    stored = _load(out, _streamed_builder(out, None))
+    assert stored.weights.layers.packed  # streamed from the stored packed bytes
+    assert _gen(stored) == at_load
+    assert _gen(_load(out)) == at_load  # resident: dequantized once at load
+    # the tokenizer travelled with it
+    from weights.tokenizer import load_tokenizer
+
+    assert load_tokenizer(out).encode("The quick fox") == load_tokenizer(src).encode("The quick fox")
+    # refuses to overwrite, and to stream with another codec
+    r = CliRunner().invoke(app, ["compress", str(src), "--out", str(out)])
+    assert r.exit_code != 0 and "--force" in r.output
+    with pytest.raises(OffloadPlanError, match="compressed with nf4"):
+        _load(out, _streamed_builder(src, "int8-row"))
+
+
+def test_compressed_format_version_mismatch_is_clear(llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from weights.compress import compress
+    from weights.sources import CheckpointError
+
+    out = compress(resolve(str(llama_dir)), tmp_path / "c", "int8-row", dtype=torch.float32, progress=False)
+    f = out / "model-layer-0000.safetensors"
+    tensors = load_file(f)
+    save_file(tensors, f, metadata={"format": "offload-infer-compressed", "format_version": "99"})
+    g = out / "model-globals.safetensors"
+    save_file(load_file(g), g, metadata={"format": "offload-infer-compressed", "format_version": "99"})
+    with pytest.raises(CheckpointError, match="version '99' is not supported"):
+        _load(out)

@@ -5,6 +5,7 @@ materialised, so the model never exists twice in RAM)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +17,8 @@ from torch import Tensor
 
 from offload_infer.models import CausalLM, FamilyConfig, ModelWeights, ResidentLayers, config_from_dict
 from offload_infer.models.base import LayerSource
+from quant.codecs import QuantState, dequantize, packed_nbytes
+from weights.compress import compression_of
 from weights.resolve import ResolvedModel
 from weights.sources import CheckpointError, GGUFSource, SafetensorsSource, TensorSource, TorchBinSource, gguf_config
 from weights.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, tokenizer_from_gguf
@@ -29,7 +32,12 @@ LayerBuilder = Callable[[FamilyConfig, Iterator[dict[str, Tensor]], torch.device
 def resident_layers(
     config: FamilyConfig, layers: Iterator[dict[str, Tensor]], device: torch.device, dtype: torch.dtype
 ) -> ResidentLayers:
-    return ResidentLayers([{k: t.to(device=device, dtype=dtype) for k, t in w.items()} for w in layers])
+    out = []
+    for w in layers:
+        for k, (p, st) in w.pop("__prepacked__", {}).items():  # a compressed checkpoint, kept resident
+            w[k] = dequantize(p.to(device), st.with_scales(st.scales.to(device)), dtype)
+        out.append({k: t.to(device=device, dtype=dtype) for k, t in w.items()})
+    return ResidentLayers(out)
 
 
 @dataclass
@@ -53,8 +61,12 @@ def open_source(resolved: ResolvedModel) -> tuple[TensorSource, dict]:
     return (SafetensorsSource(files) if resolved.kind == "safetensors" else TorchBinSource(files)), cfg
 
 
-def _plan_names(config: FamilyConfig, source: TensorSource) -> dict[str, str]:
-    """canonical name -> source name, after checking that every tensor is there with the right shape."""
+def _plan_names(config: FamilyConfig, source: TensorSource, packed: dict[str, str] | None = None) -> dict[str, str]:
+    """canonical name -> source name, after checking that every tensor is there with the right shape.
+
+    In a compressed checkpoint (``packed`` holds its metadata) a layer matrix ``W`` is ``W.qdata`` +
+    ``W.scales``; the canonical name then maps to ``W.qdata``.
+    """
     available = source.keys()
     expected = dict(config.global_shapes())
     for i in range(config.n_layers):
@@ -62,6 +74,16 @@ def _plan_names(config: FamilyConfig, source: TensorSource) -> dict[str, str]:
     mapping, missing = {}, []
     for name, shape in expected.items():
         found = next((n for n in (name, *config.aliases(name)) if n in available), None)
+        if found is None and packed is not None and len(shape) == 2 and name + ".qdata" in available:
+            numel = math.prod(shape)
+            qbytes, sbytes = packed_nbytes(numel, packed["codec"], int(packed["block_size"]), shape[0])
+            for part, nbytes in ((".qdata", qbytes), (".scales", sbytes)):
+                have = math.prod(source.shape(name + part)) * (1 if part == ".qdata" else 4)
+                if name + part not in available or have != nbytes:
+                    raise CheckpointError(f"{source.where(name + '.qdata')}: packed tensor {name + part!r} has "
+                                          f"{have} bytes, {packed['codec']} of shape {shape} needs {nbytes}")
+            mapping[name] = name + ".qdata"
+            continue
         if found is None:
             missing.append(name)
             continue
@@ -73,7 +95,7 @@ def _plan_names(config: FamilyConfig, source: TensorSource) -> dict[str, str]:
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing[:5])}{more}")
-    used = set(mapping.values())
+    used = set(mapping.values()) | {v[: -len(".qdata")] + ".scales" for v in mapping.values() if v.endswith(".qdata")}
     tied_head = {"lm_head.weight", "decoder.lm_head.weight"} if config.tie_word_embeddings else set()
     unexpected = sorted(n for n in available - used - tied_head if not _IGNORED.match(n))
     if unexpected:
@@ -86,17 +108,39 @@ def _plan_names(config: FamilyConfig, source: TensorSource) -> dict[str, str]:
 
 
 def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, str], dtype: torch.dtype,
-                progress: bool, desc: str) -> Iterator[dict[str, Tensor]]:
+                progress: bool, desc: str, packed: dict[str, str] | None = None) -> Iterator[dict[str, Tensor]]:
+    """Each layer's tensors on the CPU; packed matrices of a compressed checkpoint come under
+    ``"__prepacked__"`` as ``{name: (qdata, QuantState)}``."""
     from tqdm import tqdm
 
     for i in tqdm(range(config.n_layers), desc=desc, unit="layer", file=sys.stderr, disable=not progress,
                   leave=False):
         prefix = config.layer_prefix(i)
-        yield {k: _cast(source.load(mapping[prefix + k]), dtype) for k in config.layer_shapes()}
+        layer: dict = {}
+        prepacked = {}
+        for k, shape in config.layer_shapes().items():
+            src = mapping[prefix + k]
+            if src.endswith(".qdata"):
+                assert packed is not None
+                scales = source.load(src[: -len(".qdata")] + ".scales")
+                state = QuantState(packed["codec"], tuple(shape), dtype, int(packed["block_size"]), scales)
+                prepacked[k] = (source.load(src), state)
+            else:
+                layer[k] = _cast(source.load(src), dtype)
+        if prepacked:
+            layer["__prepacked__"] = prepacked
+        yield layer
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype) if t.is_floating_point() else t
+
+
+def load_tokenizer_for(resolved: ResolvedModel, source: TensorSource, cfg: dict) -> Tokenizer | None:
+    if resolved.kind == "gguf":
+        return tokenizer_from_gguf(source.reader, resolved.files[0])  # type: ignore[attr-defined]
+    assert resolved.tokenizer_path is not None
+    return load_tokenizer(resolved.tokenizer_path, cfg) if has_tokenizer(resolved.tokenizer_path) else None
 
 
 def load_model(
@@ -111,17 +155,14 @@ def load_model(
     device = torch.device(device)
     source, cfg = open_source(resolved)
     config = config_from_dict(cfg, model_type)
-    mapping = _plan_names(config, source)
+    packed = compression_of(source)
+    mapping = _plan_names(config, source, packed)
     prepare = getattr(layer_builder, "prepare", None)
     if prepare is not None:  # plan (and check memory) before anything large is allocated
-        prepare(config, device, dtype)
+        prepare(config, device, dtype, packed["codec"] if packed else None, int(packed["block_size"]) if packed else None)
     globals_ = {n: _cast(source.load(mapping[n]), dtype).to(device) for n in config.global_shapes()}
-    layers = layer_builder(config, iter_layers(config, source, mapping, dtype, progress, f"loading {resolved.name}"),
-                           device, dtype)
-    if resolved.kind == "gguf":
-        tokenizer = tokenizer_from_gguf(source.reader, resolved.files[0])  # type: ignore[attr-defined]
-    else:
-        assert resolved.tokenizer_path is not None
-        tokenizer = load_tokenizer(resolved.tokenizer_path, cfg) if has_tokenizer(resolved.tokenizer_path) else None
+    layers = layer_builder(config, iter_layers(config, source, mapping, dtype, progress, f"loading {resolved.name}",
+                                               packed), device, dtype)
+    tokenizer = load_tokenizer_for(resolved, source, cfg)
     model = CausalLM(config, ModelWeights(globals_, layers), device, dtype)
     return LoadedModel(model, tokenizer, cfg, resolved.name)

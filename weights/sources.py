@@ -71,12 +71,12 @@ class SafetensorsSource:
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._handles = {}
-        self.metadata: dict[str, str] = {}
+        self.file_metadata: dict[Path, dict[str, str]] = {}
         for path in files:
             if not path.exists():
                 raise CheckpointError(f"missing checkpoint file {path}")
             header = read_safetensors_header(path)
-            self.metadata |= header.get("__metadata__") or {}
+            self.file_metadata[path] = header.get("__metadata__") or {}
             for name, info in header.items():
                 if name != "__metadata__":
                     self._where[name] = path

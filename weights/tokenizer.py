@@ -79,6 +79,19 @@ class Tokenizer:
             out[i] = tok
         return out
 
+    def save(self, d: Path) -> None:
+        """Write the tokenizer so that ``load_tokenizer(d)`` rebuilds it (same ids, specials, template)."""
+        d = Path(d)
+        if self._sp:
+            (d / "tokenizer.model").write_bytes(self._backend.serialized_model_proto())
+        else:
+            self._backend.save(str(d / "tokenizer.json"))
+        cfg = {"bos_token": self.bos_token or None, "eos_token": self.eos_token or None,
+               "add_bos_token": self.add_bos, "chat_template": self.chat_template}
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+        (d / "generation_config.json").write_text(json.dumps({"eos_token_id": sorted(self.eos_ids),
+                                                              "bos_token_id": self.bos_id}, indent=2))
+
     # -- chat -----------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
@@ -159,7 +172,8 @@ def load_tokenizer(path: Path, model_config: dict | None = None) -> Tokenizer:
     if path.is_file() and path.name.endswith(".json") or (d / "tokenizer.json").exists() and path.is_dir():
         backend = HFTokenizer.from_file(str(path if path.is_file() else d / "tokenizer.json"))
         to_id = backend.token_to_id
-        add_bos = False  # tokenizer.json's post-processor already adds what the model expects
+        # the post-processor usually adds BOS itself; encode() never adds a second one
+        add_bos = bool(add_bos)
     elif path.suffix == ".model" or (d / "tokenizer.model").exists():
         import sentencepiece as spm
 

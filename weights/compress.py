@@ -1,0 +1,112 @@
+"""Ahead-of-time weight compression: a checkpoint whose decoder-layer matrices are stored packed
+(int4/int8 with their scales), which ``generate`` streams without recompressing.
+
+Layout of the output directory: ``config.json``, tokenizer files, ``model.safetensors.index.json``,
+``model-globals.safetensors`` and one ``model-layer-NNNN.safetensors`` per decoder layer. A packed
+matrix ``W`` is stored as ``W.qdata`` (uint8) and ``W.scales`` (fp32). Every file's metadata records
+the format, its version, the codec, block size and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from offload_infer.models import config_from_dict
+from quant.codecs import packed_nbytes, quantize
+from weights.resolve import ResolvedModel
+from weights.sources import CheckpointError
+
+FORMAT = "offload-infer-compressed"
+FORMAT_VERSION = "1"
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def compressed_size(config, codec: str, block_size: int, dtype: torch.dtype) -> int:
+    size = torch.tensor([], dtype=dtype).element_size()
+    total = sum(math.prod(s) for s in config.global_shapes().values()) * size
+    for shape in config.layer_shapes().values():
+        n = math.prod(shape)
+        total += config.n_layers * (sum(packed_nbytes(n, codec, block_size, shape[0])) if len(shape) == 2 else n * size)
+    return total
+
+
+def check_metadata(meta: dict[str, str], where: str) -> dict[str, str] | None:
+    """The compression metadata of a file, None for an ordinary checkpoint; errors on a version we can't read."""
+    if meta.get("format") != FORMAT:
+        return None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: compressed format version {meta.get('format_version')!r} is not supported "
+                              f"(this offload-infer reads version {FORMAT_VERSION}); recompress the model")
+    return meta
+
+
+def compression_of(source) -> dict[str, str] | None:
+    """The compression metadata shared by every file of a source (None: not compressed)."""
+    found = None
+    for path, meta in getattr(source, "file_metadata", {}).items():
+        m = check_metadata(meta, str(path))
+        if found is not None and m is not None and (m["codec"], m["block_size"]) != (found["codec"], found["block_size"]):
+            raise CheckpointError(f"{path}: compressed with {m['codec']}, other files with {found['codec']}")
+        found = found or m
+    return found
+
+
+def compress(resolved: ResolvedModel, out: Path, codec: str, block_size: int = 64, dtype: torch.dtype = torch.float16,
+             force: bool = False, device: torch.device | None = None, model_type: str | None = None,
+             progress: bool = True) -> Path:
+    from tqdm import tqdm
+
+    from weights.load import _plan_names, load_tokenizer_for, open_source
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --force to overwrite it")
+    source, cfg = open_source(resolved)
+    if compression_of(source):
+        raise CheckpointError(f"{resolved.name} is already compressed")
+    config = config_from_dict(cfg, model_type)
+    mapping = _plan_names(config, source)
+    need = compressed_size(config, codec, block_size, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < need * 1.05:
+        raise OSError(f"compressing needs about {need / 1e9:.2f} GB in {out}, {free / 1e9:.2f} GB is free")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "codec": codec, "block_size": str(block_size),
+            "dtype": _DTYPE_NAMES[dtype]}
+    weight_map: dict[str, str] = {}
+
+    def write(tensors: dict[str, torch.Tensor], name: str) -> None:
+        save_file(tensors, str(out / name), metadata=meta)
+        weight_map.update({k: name for k in tensors})
+
+    write({n: source.load(mapping[n]).to(dtype).contiguous() for n in config.global_shapes()}, "model-globals.safetensors")
+    for i in tqdm(range(config.n_layers), desc=f"compressing to {codec}", unit="layer", file=sys.stderr,
+                  disable=not progress):
+        prefix = config.layer_prefix(i)
+        tensors = {}
+        for k, shape in config.layer_shapes().items():
+            w = source.load(mapping[prefix + k])
+            if len(shape) == 2:
+                packed, state = quantize(w.to(device=device, dtype=dtype), codec, block_size)
+                tensors[prefix + k + ".qdata"] = packed.cpu()
+                tensors[prefix + k + ".scales"] = state.scales.float().cpu()
+            else:
+                tensors[prefix + k] = w.to(dtype).contiguous()
+        write(tensors, f"model-layer-{i:04d}.safetensors")
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1))
+    cfg_out = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg_out["model_type"] = config.model_type
+    cfg_out["offload_infer_compression"] = meta
+    (out / "config.json").write_text(json.dumps(cfg_out, indent=2))
+    tok = load_tokenizer_for(resolved, source, cfg)
+    if tok is not None:
+        tok.save(out)
+    return out
