@@ -273,6 +273,7 @@ class StreamedLayers:
 
     def layers(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
         pos = 0
+        self.prefetch()  # no-op if already issued; otherwise the copies overlap the resident layers' compute
         for i in range(self.n_layers):
             if i in self.resident:
                 yield i, self.resident[i]

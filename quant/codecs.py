@@ -114,5 +114,6 @@ def dequantize(packed: Tensor, state: QuantState, dtype: torch.dtype | None = No
         out = F.dequantize_blockwise(packed, qs).reshape(state.shape)
     else:
         q = packed.view(torch.int8).view(state.shape)
-        out = q.to(torch.float32) * (state.scales[:, None] / 127.0)
+        # int8 values are exact in fp16/bf16, so the product can run at the target precision
+        out = q.to(dtype) * (state.scales[:, None] / 127.0).to(dtype)
     return out.to(dtype).reshape(state.shape)

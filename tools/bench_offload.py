@@ -1,0 +1,143 @@
+"""Offloaded pass time on a CUDA GPU, with random weights at real model shapes, against the PCIe floor.
+
+    PYTHONPATH=. python tools/bench_offload.py --shapes llama-7b,llama-13b --precisions fp16,int8,int4 \
+        --trees 1,16,64,256,1024 --reserve 4G --runs 7 [--json out.json]
+
+For each shape and precision it builds the model layer by layer straight into pinned buffers (no
+checkpoint), prints the plan, then times one LLM pass (a tree of T tokens over a 64-token prefix,
+median of ``--runs``), the bytes streamed per pass, the effective bandwidth and its ratio to the
+pinned host-to-device bandwidth measured in the same run. ``floor`` = streamed bytes / measured bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    "llama-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "llama-13b": dict(model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                      num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                      max_position_embeddings=4096),
+    "llama-70b": dict(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                      num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096),
+    "opt-6.7b": dict(model_type="opt", vocab_size=50272, hidden_size=4096, ffn_dim=16384, num_hidden_layers=32,
+                     num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=4096),
+    "opt-13b": dict(model_type="opt", vocab_size=50272, hidden_size=5120, ffn_dim=20480, num_hidden_layers=40,
+                    num_attention_heads=40, max_position_embeddings=2048, word_embed_proj_dim=5120),
+}
+CODEC = {"fp16": None, "int8": "int8-row", "int4": "nf4"}
+
+
+def h2d_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(runs + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return nbytes / statistics.median(times[1:])
+
+
+def random_layers(config, dtype):
+    for _ in range(config.n_layers):
+        yield {k: (torch.randn(s, device="cuda", dtype=dtype) * 0.02 if len(s) == 2
+                   else torch.ones(s, device="cuda", dtype=dtype)) for k, s in config.layer_shapes().items()}
+
+
+def build(shape: str, precision: str, reserve: int, ring: int = 2):
+    from offload_infer.models import CausalLM, ModelWeights, config_from_dict
+    from offload_infer.offload import OffloadBuilder
+
+    dtype, dev = torch.float16, torch.device("cuda")
+    config = config_from_dict(SHAPES[shape])
+    builder = OffloadBuilder(reserve, CODEC[precision], 64, ring, kv_bytes=2 << 30)
+    plan = builder.prepare(config, dev, dtype)
+    glob = {k: torch.randn(s, device=dev, dtype=dtype) * 0.02 for k, s in config.global_shapes().items()}
+    t0 = time.perf_counter()
+    layers = builder(config, random_layers(config, dtype), dev, dtype)
+    build_s = time.perf_counter() - t0
+    return CausalLM(config, ModelWeights(glob, layers), dev, dtype), plan, build_s
+
+
+def time_pass(model, n_tokens: int, runs: int, prefix: int = 64) -> float:
+    from offload_infer.models.attention import causal_mask
+
+    cache = model.new_cache(prefix + n_tokens + 8)
+    model.forward(torch.randint(0, 1000, (prefix,)), torch.arange(prefix), cache)
+    cache.commit_all()
+    # a random tree: node i's parent is a random earlier node
+    parents = [-1] + [int(torch.randint(0, i, (1,))) for i in range(1, n_tokens)]
+    depth = [0] * n_tokens
+    mask = torch.zeros(n_tokens, prefix + n_tokens, dtype=torch.bool)
+    mask[:, :prefix] = True
+    for i in range(n_tokens):
+        depth[i] = 0 if i == 0 else depth[parents[i]] + 1
+        mask[i, prefix:] = mask[parents[i], prefix:] if i else False
+        mask[i, prefix + i] = True
+    if n_tokens == 1:
+        mask = causal_mask(prefix, 1, torch.device("cpu"))
+    tokens = torch.randint(0, 1000, (n_tokens,))
+    positions = prefix + torch.tensor(depth)
+    times = []
+    for _ in range(runs + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.forward(tokens, positions, cache, mask).argmax(-1).tolist()
+        times.append(time.perf_counter() - t0)
+        cache.rollback()
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="llama-7b,llama-13b")
+    ap.add_argument("--precisions", default="fp16,int8,int4")
+    ap.add_argument("--trees", default="1,16,64,256,1024")
+    ap.add_argument("--reserve", default="4G")
+    ap.add_argument("--ring", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from offload_infer.offload import parse_size
+
+    reserve = parse_size(args.reserve)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    bw = h2d_bandwidth()
+    print(f"pinned host->device bandwidth (1 GiB, median of 5): {bw / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        for precision in args.precisions.split(","):
+            model, plan, build_s = build(shape, precision, reserve, args.ring)
+            per_pass = sum(p.buffer.numel() for p in model.weights.layers.packed.values())
+            print(f"\n{shape} {precision}: {plan.describe()} (built in {build_s:.0f} s)", flush=True)
+            print(f"{'tokens':>7} {'pass ms':>9} {'GB streamed':>12} {'eff GB/s':>9} {'vs floor':>9}", flush=True)
+            for t in (int(x) for x in args.trees.split(",")):
+                s = time_pass(model, t, args.runs)
+                row = dict(shape=shape, precision=precision, tokens=t, pass_s=s, bytes=per_pass,
+                           eff_bw=per_pass / s, h2d_bw=bw, ratio_to_floor=s / (per_pass / bw),
+                           resident_layers=len(plan.resident_layers), streamed_layers=len(plan.streamed_layers))
+                rows.append(row)
+                print(f"{t:>7} {s * 1e3:>9.1f} {per_pass / 1e9:>12.2f} {per_pass / s / 1e9:>9.1f} "
+                      f"{row['ratio_to_floor']:>9.2f}", flush=True)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "h2d_bw": bw, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
