@@ -81,6 +81,7 @@ def generate(
     quant_8bit: bool = typer.Option(False, "--8bit-quantization", help="Stream int8 weights."),
     quant_codec: Optional[str] = typer.Option(None, help="Codec: nf4, fp4, int8-row, int8-block (overrides the flags)."),
     quant_block_size: int = typer.Option(64, help="Elements per scale for block codecs."),
+    offload_ring_slots: int = typer.Option(2, min=1, help="Device buffers streamed layers rotate through."),
     output_file: Optional[Path] = typer.Option(None, help="Write results as a JSON list."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of streaming text."),
 ) -> None:
@@ -113,7 +114,8 @@ def generate(
                            str(llm_config) if llm_config else None, str(tokenizer) if tokenizer else None)
         builder = resident_layers
         if offload:
-            builder = OffloadBuilder(parse_size(offload_reserve_space_size), codec, quant_block_size)
+            builder = OffloadBuilder(parse_size(offload_reserve_space_size), codec, quant_block_size,
+                                     offload_ring_slots)
         main = load_model(resolved, device=dev, dtype=dtype, model_type=llm_model, layer_builder=builder)
         tok = main.tokenizer
         if tok is None:

@@ -41,6 +41,13 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * unit)
 
 
+def format_size(n: int) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -105,9 +112,9 @@ def make_plan(config: FamilyConfig, dtype: torch.dtype, reserve_bytes: int, code
         need = glob + ring_slots * packed
         if reserve_bytes < need:
             raise OffloadPlanError(
-                f"--offload-reserve-space-size of {reserve_bytes / 2**20:.0f} MB is too small: the embeddings and "
-                f"head need {glob / 2**20:.0f} MB and {ring_slots} ring buffers of one streamed layer "
-                f"{ring_slots * packed / 2**20:.0f} MB, at least {need / 2**20:.0f} MB in all"
+                f"--offload-reserve-space-size of {format_size(reserve_bytes)} is too small: the embeddings and "
+                f"head need {format_size(glob)} and {ring_slots} ring buffers of one streamed layer "
+                f"{format_size(ring_slots * packed)}, at least {format_size(need)} in all"
             )
         resident = min(n - 1, (reserve_bytes - need) // dense)
     return OffloadPlan(codec, block_size, tuple(range(resident)), tuple(range(resident, n)), ring_slots, dense,

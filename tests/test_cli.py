@@ -93,3 +93,24 @@ def test_ssm_with_other_vocabulary_is_refused(tiny_dirs, tmp_path):
 def test_models_list():
     r = run("models", "list")
     assert r.exit_code == 0 and "smollm2-135m-instruct" in r.output and "qwen2.5-coder-1.5b-instruct" in r.output
+
+
+def test_offload_flags(tiny_dirs, tmp_path):
+    d = tiny_dirs["llama"][0]
+    base = run("generate", "hello fox", "-m", d, "-n", 10, "--json", "--no-chat")
+    off = run("generate", "hello fox", "-m", d, "-n", 10, "--json", "--no-chat", "--offload",
+              "--offload-reserve-space-size", "130K", "--offload-ring-slots", "1")
+    assert base.exit_code == 0 and off.exit_code == 0, off.output
+    assert json.loads(base.stdout)[0]["output_token_ids"] == json.loads(off.stdout)[0]["output_token_ids"]
+    assert "0 resident / 2 streamed layers" in off.stderr
+    q = run("generate", "hello fox", "-m", d, "-n", 4, "--no-chat", "--offload", "--4bit-quantization",
+            "--offload-reserve-space-size", "100K", "--ssm", d)
+    assert q.exit_code == 0, q.output
+    small = run("generate", "hi", "-m", d, "--offload", "--offload-reserve-space-size", "1K")
+    assert small.exit_code != 0 and "too small" in small.output
+    both = run("generate", "hi", "-m", d, "--offload", "--4bit-quantization", "--8bit-quantization")
+    assert both.exit_code != 0 and "choose one" in both.output
+    noff = run("generate", "hi", "-m", d, "--4bit-quantization")
+    assert noff.exit_code != 0 and "--offload" in noff.output
+    bad = run("generate", "hi", "-m", d, "--offload", "--offload-reserve-space-size", "lots")
+    assert bad.exit_code != 0 and "invalid size" in bad.output

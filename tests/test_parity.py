@@ -78,3 +78,15 @@ def test_tree_mask_forward_equals_per_path_forwards(tiny_dirs, name):
         seq = torch.tensor(prefix + path)
         ref = model.forward(seq, torch.arange(len(seq)), model.new_cache(32))[-1]
         torch.testing.assert_close(logits[node], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precisions_run_and_stay_close(tiny_dirs, dtype):
+    d, hf = tiny_dirs["qwen2"]
+    model = load_model(resolve(str(d)), dtype=dtype, progress=False).model
+    ids = torch.arange(3, 27)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    out = model.forward(ids, torch.arange(24), model.new_cache(32))
+    assert model.weights.globals["model.embed_tokens.weight"].dtype == dtype
+    assert float((out - ref).abs().max()) < 0.1 * float(ref.abs().max())
