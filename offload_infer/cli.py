@@ -63,7 +63,8 @@ def generate(
     llm_config: Optional[Path] = typer.Option(None, help="config.json (split paths, with --llm-weight)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer file or directory."),
     ssm: list[str] = typer.Option([], "--ssm", help="Small speculative model (repeatable)."),
-    tree_budget: int = typer.Option(16, help="Speculated tokens per LLM pass (best-first tree growth)."),
+    tree_budget: str = typer.Option("16", help="Speculated tokens per LLM pass (best-first growth), or 'auto'."),
+    max_tree_budget: int = typer.Option(256, min=1, help="Largest budget --tree-budget auto may choose."),
     expansion: Optional[str] = typer.Option(None, help="SpecInfer per-depth expansion widths, e.g. 1,1,3,1,1,1,1,1."),
     max_depth: int = typer.Option(16, help="Deepest speculated token in best-first growth."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
@@ -99,7 +100,11 @@ def generate(
     prompts = _prompts(prompt, prompt_file)
     try:
         sampling = SamplingConfig(temperature, top_k, top_p)
-        tree_cfg = TreeConfig(budget=tree_budget, expansion=_expansion(expansion), max_depth=max_depth)
+        auto = tree_budget.strip().lower() == "auto"
+        if not auto and not tree_budget.strip().isdigit():
+            raise ValueError(f"--tree-budget must be a positive integer or 'auto', got {tree_budget!r}")
+        tree_cfg = TreeConfig(budget=max_tree_budget if auto else int(tree_budget), auto=auto,
+                              expansion=_expansion(expansion), max_depth=max_depth)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     dev = _device(device)

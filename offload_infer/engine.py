@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offload_infer.autobudget import AutoBudget
 from offload_infer.models import CausalLM
 from offload_infer.sampling import SamplingConfig, select
 from offload_infer.speculate import Drafter, TreeConfig
@@ -29,6 +30,8 @@ class GenerationStats:
     llm_passes: int = 0  # prefill included
     tokens_per_pass: list[int] = field(default_factory=list)  # tokens produced by each decoding pass
     tree_sizes: list[int] = field(default_factory=list)  # speculated nodes per pass (root excluded)
+    budgets: list[int] = field(default_factory=list)  # tree budget used per pass (auto budget: its choices)
+    ssm_calls: list[int] = field(default_factory=list)  # SSM forwards per pass (drafting rounds, all SSMs)
     offered_at_depth: dict[int, int] = field(default_factory=dict)  # passes that could accept a depth-d token
     accepted_at_depth: dict[int, int] = field(default_factory=dict)
     ssm_time_s: float = 0.0
@@ -57,6 +60,8 @@ class GenerationStats:
                 str(d): self.accepted_at_depth.get(d, 0) / n for d, n in sorted(self.offered_at_depth.items())
             },
             "tree_size_mean": sum(self.tree_sizes) / len(self.tree_sizes) if self.tree_sizes else 0.0,
+            "tree_budgets": self.budgets,
+            "ssm_calls_mean": sum(self.ssm_calls) / len(self.ssm_calls) if self.ssm_calls else 0.0,
             "ssm_time_s": self.ssm_time_s,
             "llm_time_s": self.llm_time_s,
         }
@@ -85,6 +90,7 @@ class Engine:
         ssms = ssms or []
         self.drafters = [Drafter(m, max_sequence_length, vocab, self.tree_cfg) for m in ssms]
         spec_nodes = self.tree_cfg.max_nodes * len(ssms)
+        self.auto = AutoBudget(self.tree_cfg.budget) if self.tree_cfg.auto and ssms else None
         self.cache = llm.new_cache(max_sequence_length + spec_nodes + 1)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
@@ -132,9 +138,10 @@ class Engine:
             depth = limit - produced - 1  # the bonus token takes the last place
             llm.weights.layers.prefetch()  # the LLM's first streamed layers load while the SSMs draft
             t0 = time.perf_counter()
+            budget = self.auto.choose() if self.auto else self.tree_cfg.budget
             tree = TokenTree.root(root)
             for d in self.drafters:
-                tree.merge(d.draft(depth))
+                tree.merge(d.draft(depth, budget))
             t1 = time.perf_counter()
             stats.ssm_time_s += t1 - t0
             past = cache.length
@@ -142,8 +149,14 @@ class Engine:
             logits = llm.forward(tree.token_tensor(), past + tree.depth_tensor(), cache, mask)
             path, nxt = verify(tree, logits, sampling, gen)
             cache.commit(path)
-            stats.llm_time_s += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            stats.llm_time_s += t2 - t1
             stats.llm_passes += 1
+            if self.drafters:
+                stats.budgets.append(budget)
+                stats.ssm_calls.append(sum(d.calls for d in self.drafters))
+            if self.auto and depth >= 1:
+                self.auto.observe(budget, tree, path, t2 - t0)
             accepted = [tree.tokens[i] for i in path[1:]]
             for d in self.drafters:
                 d.commit(accepted, nxt)

@@ -25,7 +25,8 @@ from offload_infer.tree import TokenTree
 
 @dataclass(frozen=True)
 class TreeConfig:
-    budget: int = 16  # speculated nodes per LLM pass (best-first); ignored when expansion is set
+    budget: int = 16  # speculated nodes per LLM pass (best-first); with auto, the largest budget tried
+    auto: bool = False  # choose the budget per pass from measured step times and acceptance (autobudget.py)
     expansion: tuple[int, ...] = ()  # SpecInfer per-depth widths, e.g. (1, 1, 3, 1, 1, 1, 1, 1)
     max_depth: int = 16  # deepest speculated node in best-first growth
     branch: int = 8  # children considered per expanded node in best-first growth
@@ -37,6 +38,8 @@ class TreeConfig:
             raise ValueError(f"tree budget must be >= 1, got {self.budget}")
         if self.max_depth < 1 or self.branch < 1:
             raise ValueError("max_depth and branch must be >= 1")
+        if self.auto and self.expansion:
+            raise ValueError("an automatic tree budget applies to best-first growth, not to expansion widths")
 
     @property
     def max_nodes(self) -> int:
@@ -67,6 +70,7 @@ class Drafter:
         self.backlog: list[int] = []
         self._tree = TokenTree.root(0)
         self._slot: dict[int, int] = {}  # tree node -> pending cache slot (nodes the SSM processed)
+        self.calls = 0  # SSM forwards in the last draft (drafting rounds)
 
     def reset(self, committed: list[int]) -> None:
         self.cache.reset()
@@ -92,24 +96,27 @@ class Drafter:
         tokens = torch.tensor([tree.tokens[x] for x in nodes])
         positions = torch.tensor([root_pos + tree.depths[x] for x in nodes])
         logits = self.model.forward(tokens, positions, cache, mask)
+        self.calls += 1
         for r, node in enumerate(nodes):
             self._slot[node] = past - cache.length + r
         return logits
 
-    def draft(self, max_depth: int) -> TokenTree:
-        """Grow a tree from the last committed token (the end of the backlog), at most ``max_depth`` deep."""
+    def draft(self, max_depth: int, budget: int | None = None) -> TokenTree:
+        """Grow a tree from the last committed token (the end of the backlog), at most ``max_depth`` deep
+        and, growing best-first, of ``budget`` nodes (default: the config's)."""
         root = self.backlog[-1]
-        self._tree, self._slot = TokenTree.root(root), {}
+        self._tree, self._slot, self.calls = TokenTree.root(root), {}, 0
         if max_depth < 1:
             return TokenTree.root(root)
         start = self.cache.length
         chain = torch.tensor(self.backlog)
         root_logits = self.model.forward(chain, torch.arange(start, start + len(chain)), self.cache)[-1]
+        self.calls += 1
         self.cache.commit_all()
         self.backlog = []
         if self.cfg.expansion:
             return self._grow_by_widths(root_logits, max_depth)
-        return self._grow_best_first(root_logits, max_depth)
+        return self._grow_best_first(root_logits, max_depth, min(budget or self.cfg.budget, self.cfg.budget))
 
     def _grow_by_widths(self, root_logits: Tensor, max_depth: int) -> TokenTree:
         tree = self._tree
@@ -121,18 +128,19 @@ class Drafter:
                     break
                 logits = self._forward_nodes(frontier)
             lps, toks = self._children(logits, w)
-            frontier = [tree.add(t, node) for node, row in zip(frontier, toks) for t in row]
+            frontier = [tree.add(t, node, math.exp(lp)) for node, lrow, row in zip(frontier, lps, toks)
+                        for lp, t in zip(lrow, row)]
         return tree
 
-    def _grow_best_first(self, root_logits: Tensor, max_depth: int) -> TokenTree:
-        tree, budget, branch = self._tree, self.cfg.budget, self.cfg.branch
+    def _grow_best_first(self, root_logits: Tensor, max_depth: int, budget: int) -> TokenTree:
+        tree, branch = self._tree, self.cfg.branch
         logp = [0.0]
         expanded = {0}
 
         def add_children(node: int, lps: list[float], toks: list[int]) -> None:
             for lp, t in zip(lps, toks):
                 before = len(tree)
-                child = tree.add(t, node)
+                tree.add(t, node, math.exp(lp))
                 if len(tree) > before:
                     logp.append(logp[node] + lp)
                     assert len(logp) == len(tree)
@@ -158,7 +166,7 @@ class Drafter:
         out = TokenTree.root(tree.tokens[0])
         where = {0: 0}
         for i in keep:  # parents precede children, and a kept node's parent is kept (its logp is higher)
-            where[i] = out.add(tree.tokens[i], where[tree.parents[i]])
+            where[i] = out.add(tree.tokens[i], where[tree.parents[i]], tree.q[i])
         return out
 
     def commit(self, accepted: list[int], next_token: int) -> None:

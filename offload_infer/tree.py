@@ -17,6 +17,7 @@ class TokenTree:
     tokens: list[int]
     parents: list[int] = field(default_factory=lambda: [-1])
     depths: list[int] = field(default_factory=lambda: [0])
+    q: list[float] = field(default_factory=lambda: [1.0])  # drafting SSM's probability of each token given its parent
     _children: list[dict[int, int]] = field(default_factory=lambda: [{}])
 
     @classmethod
@@ -26,7 +27,7 @@ class TokenTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, token: int, parent: int) -> int:
+    def add(self, token: int, parent: int, q: float = 1.0) -> int:
         """Add a child of ``parent``; an existing child with the same token is returned, not duplicated."""
         existing = self._children[parent].get(token)
         if existing is not None:
@@ -35,6 +36,7 @@ class TokenTree:
         self.tokens.append(token)
         self.parents.append(parent)
         self.depths.append(self.depths[parent] + 1)
+        self.q.append(q)
         self._children.append({})
         self._children[parent][token] = i
         return i
@@ -58,7 +60,7 @@ class TokenTree:
         assert other.tokens[0] == self.tokens[0], "trees with different roots"
         where = [0]
         for i in range(1, len(other)):
-            where.append(self.add(other.tokens[i], where[other.parents[i]]))
+            where.append(self.add(other.tokens[i], where[other.parents[i]], other.q[i]))
 
     @property
     def max_depth(self) -> int:

@@ -1,0 +1,83 @@
+"""--tree-budget auto: the choice follows measured step times and acceptance, and stays lossless."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from offload_infer.autobudget import AutoBudget
+from offload_infer.tree import TokenTree
+
+
+def chain(b: int, q: float) -> TokenTree:
+    t = TokenTree.root(0)
+    node = 0
+    for i in range(b):
+        node = t.add(i + 1, node, q)
+    return t
+
+
+def simulate(step_time, accept: float, steps: int = 300, fixed: int | None = None, seed: int = 0) -> float:
+    """Tokens per second over ``steps`` passes of chains whose every level the 'LLM' accepts with
+    probability ``accept``; the SSM says 0.9 for every token (so calibration has work to do)."""
+    rng = random.Random(seed)
+    auto = AutoBudget(max_budget=256)
+    tokens = seconds = 0.0
+    for _ in range(steps):
+        b = fixed or auto.choose()
+        tree = chain(b, 0.9)
+        path = [0]
+        while len(path) <= b and rng.random() < accept:
+            path.append(len(path))
+        sec = step_time(b)
+        auto.observe(b, tree, path, sec)
+        tokens += len(path)
+        seconds += sec
+    return tokens / seconds
+
+
+@pytest.mark.parametrize(
+    "name, step_time, accept",
+    [
+        ("offloaded: flat pass time", lambda b: 0.2 + 0.0004 * b, 0.9),
+        ("compute-bound: time grows with the tree", lambda b: 0.05 + 0.01 * b, 0.9),
+        ("poor SSM", lambda b: 0.2 + 0.001 * b, 0.3),
+    ],
+)
+def test_auto_is_within_10_percent_of_the_best_fixed_budget(name, step_time, accept):
+    best = max(simulate(step_time, accept, fixed=b) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256))
+    assert simulate(step_time, accept) >= 0.9 * best, name
+
+
+def test_expected_tokens_uses_calibrated_acceptance():
+    auto = AutoBudget(max_budget=64)
+    tree = chain(4, 0.5)
+    prior = auto.expected_tokens(tree, 4)
+    assert prior == pytest.approx(1 + 0.5 + 0.25 + 0.125 + 0.0625, rel=0.1)
+    for _ in range(200):  # the LLM accepts everything the SSM proposes
+        auto.observe(4, tree, [0, 1, 2, 3, 4], 0.1)
+    assert auto.expected_tokens(tree, 4) > 4.5
+    assert auto.expected_tokens(tree, 2) < auto.expected_tokens(tree, 4)
+
+
+def test_auto_budget_output_equals_incremental(tiny_dirs):
+    from offload_infer.engine import Engine, GenerationStats
+    from offload_infer.speculate import TreeConfig
+    from weights.load import load_model
+    from weights.resolve import resolve
+
+    llm = load_model(resolve(str(tiny_dirs["llama"][0])), progress=False).model
+    prompt = [5, 17, 42, 7, 99, 3]
+    ref = [t for s in Engine(llm, max_sequence_length=128).generate(prompt, 40) for t in s]
+    stats = GenerationStats()
+    engine = Engine(llm, [llm], TreeConfig(budget=64, auto=True), max_sequence_length=128)
+    assert [t for s in engine.generate(prompt, 40, stats=stats) for t in s] == ref
+    assert len(set(stats.budgets)) > 1  # it explored
+
+
+def test_auto_with_expansion_is_refused():
+    from offload_infer.speculate import TreeConfig
+
+    with pytest.raises(ValueError, match="automatic tree budget"):
+        TreeConfig(auto=True, expansion=(1, 2))
