@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_offload import SHAPES, build, time_pass  # noqa: E402
 
 
-def accelerate_decode(shape: str, reserve: str, new_tokens: int = 6) -> dict:
+def accelerate_model(shape: str, reserve: str):
+    """A transformers model at ``shape`` (zero weights), offloaded by accelerate within ``reserve``."""
     from accelerate import dispatch_model, infer_auto_device_map
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -46,7 +47,11 @@ def accelerate_decode(shape: str, reserve: str, new_tokens: int = 6) -> dict:
     no_split = [type(model.model.layers[0]).__name__] if hasattr(model, "model") and hasattr(model.model, "layers") \
         else [type(model.model.decoder.layers[0]).__name__]
     dmap = infer_auto_device_map(model, max_memory={0: reserve, "cpu": "110GiB"}, no_split_module_classes=no_split)
-    model = dispatch_model(model, device_map=dmap)
+    return dispatch_model(model, device_map=dmap), sum(1 for v in dmap.values() if v == 0)
+
+
+def accelerate_decode(shape: str, reserve: str, new_tokens: int = 6) -> dict:
+    model, on_gpu = accelerate_model(shape, reserve)
     ids = torch.randint(0, 1000, (1, 64), device="cuda")
     times = []
     with torch.no_grad():
@@ -59,7 +64,6 @@ def accelerate_decode(shape: str, reserve: str, new_tokens: int = 6) -> dict:
             past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    on_gpu = sum(1 for v in dmap.values() if v == 0)
     del model, past, out
     gc.collect()
     torch.cuda.empty_cache()

@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--budgets", default="1,16,64,256")
+    ap.add_argument("--auto", action="store_true", help="also run --tree-budget auto (capped at the largest budget)")
+    ap.add_argument("--json", default=None)
     ap.add_argument("--max-depth", type=int, default=12)
     ap.add_argument("--expansion", default="1,1,3,1,1,1,1,1")
     args = ap.parse_args()
@@ -61,18 +63,26 @@ def main() -> None:
     vocab = shared_vocab_size(llm.tokenizer.token_strings(), ssm.tokenizer.token_strings(), llm.model.vocab_size,
                               ssm.model.vocab_size, args.ssm)
     configs = {f"budget {b}": TreeConfig(budget=int(b), max_depth=args.max_depth) for b in args.budgets.split(",")}
-    configs[f"expansion {args.expansion}"] = TreeConfig(expansion=tuple(int(x) for x in args.expansion.split(",")))
+    if args.auto:
+        configs["budget auto"] = TreeConfig(budget=max(int(b) for b in args.budgets.split(",")), auto=True,
+                                            max_depth=args.max_depth)
+    if args.expansion:
+        configs[f"expansion {args.expansion}"] = TreeConfig(expansion=tuple(int(x) for x in args.expansion.split(",")))
     prompts = [llm.tokenizer.encode_prompt(p, chat=True) for p in PROMPTS[: args.prompts]]
     eos = llm.tokenizer.eos_ids
 
     base = Engine(llm.model, max_sequence_length=512, eos_ids=eos)
     t0 = time.perf_counter()
     refs = [[t for s in base.generate(p, args.new_tokens) for t in s] for p in prompts]
-    print(f"incremental: {sum(map(len, refs))} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"{'tree':<28} {'tokens/pass':>12} {'median/prompt':>14} {'mean tree':>10} {'identical':>10} {'time s':>8}")
+    inc_s = time.perf_counter() - t0
+    print(f"incremental: {sum(map(len, refs))} tokens in {inc_s:.0f} s ({sum(map(len, refs)) / inc_s:.2f} tokens/s)",
+          flush=True)
+    results = {"incremental": {"tokens": sum(map(len, refs)), "seconds": inc_s}, "trees": {}}
+    print(f"{'tree':<28} {'tokens/pass':>12} {'median/prompt':>14} {'mean tree':>10} {'SSM calls':>10} "
+          f"{'identical':>10} {'time s':>8} {'tok/s':>7}")
     for name, cfg in configs.items():
         engine = Engine(llm.model, [ssm.model], cfg, max_sequence_length=512, eos_ids=eos, valid_vocab=vocab)
-        produced, passes, per_prompt, sizes, same = 0, 0, [], [], True
+        produced, passes, per_prompt, sizes, same, calls, budgets = 0, 0, [], [], True, [], []
         t0 = time.perf_counter()
         for p, ref in zip(prompts, refs):
             st = GenerationStats()
@@ -82,8 +92,21 @@ def main() -> None:
             passes += len(st.tokens_per_pass)
             per_prompt.append(sum(st.tokens_per_pass) / max(1, len(st.tokens_per_pass)))
             sizes += st.tree_sizes
+            calls += st.ssm_calls
+            budgets += st.budgets
+        wall = time.perf_counter() - t0
         print(f"{name:<28} {produced / passes:>12.2f} {statistics.median(per_prompt):>14.2f} "
-              f"{sum(sizes) / len(sizes):>10.1f} {str(same):>10} {time.perf_counter() - t0:>8.0f}", flush=True)
+              f"{sum(sizes) / len(sizes):>10.1f} {sum(calls) / len(calls):>10.1f} {str(same):>10} {wall:>8.0f} "
+              f"{produced / wall:>7.2f}", flush=True)
+        results["trees"][name] = {"tokens_per_pass": produced / passes, "median_per_prompt": statistics.median(per_prompt),
+                                  "tree_size_mean": sum(sizes) / len(sizes), "ssm_calls_mean": sum(calls) / len(calls),
+                                  "identical": same, "seconds": wall, "tokens": produced, "passes": passes,
+                                  "budget_choices": {str(b): budgets.count(b) for b in sorted(set(budgets))}}
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

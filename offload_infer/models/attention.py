@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +41,15 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
 
 
+@lru_cache(maxsize=32)
+def rope_inv_freq_on(head_dim: int, theta: float, scaling: tuple | None, device: torch.device) -> Tensor:
+    """``rope_inv_freq`` computed once per model shape and device (it sits on every forward's path)."""
+    return rope_inv_freq(head_dim, theta, dict(scaling) if scaling else None).to(device)
+
+
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos/sin ``[N, 1, D]`` for the half-rotation (Hugging Face) layout."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # [N, D/2]
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [N, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [N, 1, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

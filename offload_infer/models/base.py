@@ -91,16 +91,16 @@ class CausalLM:
         ``mask`` ``[N, past + N]`` (True = visible) defaults to causal; ``past`` counts the committed
         and pending slots. The new entries stay pending until the cache is committed.
         """
-        tokens = tokens.to(self.device)
-        positions = positions.to(self.device)
         n = tokens.numel()
         if n == 0:
             raise ValueError("forward needs at least one token")
-        if int(positions.max()) >= self.config.max_position_embeddings:
+        if int(positions.max()) >= self.config.max_position_embeddings:  # checked before the copy: no device sync
             raise ValueError(
                 f"position {int(positions.max())} is beyond the model's context of "
                 f"{self.config.max_position_embeddings} tokens"
             )
+        tokens = tokens.to(self.device, non_blocking=True)
+        positions = positions.to(self.device, non_blocking=True)
         start = cache.reserve(n)
         if mask is None:
             mask = causal_mask(start, n, self.device)

@@ -12,16 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from offload_infer.kv_cache import KVCache
-from offload_infer.models.attention import apply_rope, attend, rope_cos_sin, rope_inv_freq
+from offload_infer.models.attention import apply_rope, attend, rope_cos_sin, rope_inv_freq, rope_inv_freq_on
 from offload_infer.models.base import ModelWeights
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    # normalise in fp32, scale in the model dtype, as transformers does
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ class LlamaConfig:
         g = weights.globals
         n = tokens.numel()
         x = F.embedding(tokens, g["model.embed_tokens.weight"])  # [N, h]
-        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, dict(self.rope_scaling) if self.rope_scaling else None)
+        inv_freq = rope_inv_freq_on(self.head_dim, self.rope_theta, self.rope_scaling, x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
         act = _ACTIVATIONS[self.hidden_act]
         for i, w in weights.layers.layers():
