@@ -153,6 +153,12 @@ def test_cuda_streaming_matches_resident(llama_dir, codec):
         assert _gen(resident) == _gen(streamed)
     cpu = _load(llama_dir, _streamed_builder(llama_dir, codec))
     assert _gen(streamed, [resident], tree=TreeConfig(budget=8)) == _gen(streamed)
+    if codec is not None:  # two layers resident (compressed on the GPU), the rest streamed
+        p = make_plan(streamed.config, torch.float32, 2**30, codec)
+        mixed = _load(llama_dir, OffloadBuilder(p.global_bytes + 4 * p.packed_layer_bytes, codec, verbose=False),
+                      device=dev, dtype=torch.float32)
+        assert len(mixed.weights.layers.resident) == 2 and mixed.weights.layers.cuda
+        assert _gen(mixed) == _gen(streamed)
     assert streamed.weights.layers.bytes_streamed > 0
     assert _gen(cpu) == _gen(streamed)
 
@@ -175,7 +181,7 @@ def test_compressed_checkpoint_gives_same_tokens_as_compressing_at_load(llama_di
     meta = json.loads((out / "config.json").read_text())["offload_infer_compression"]
     assert meta["codec"] == "nf4" and meta["format_version"] == "1"
     at_load = _gen(_load(src, _streamed_builder(src, "nf4")))
-    stored = _load(out, _streamed_builder(out, None))
+    stored = _load(out, _streamed_builder(out, "nf4"))
     assert stored.weights.layers.packed  # streamed from the stored packed bytes
     assert _gen(stored) == at_load
     assert _gen(_load(out)) == at_load  # resident: dequantized once at load
@@ -204,3 +210,17 @@ def test_compressed_format_version_mismatch_is_clear(llama_dir, tmp_path):
     save_file(load_file(g), g, metadata={"format": "offload-infer-compressed", "format_version": "99"})
     with pytest.raises(CheckpointError, match="version '99' is not supported"):
         _load(out)
+
+
+def test_resident_layers_stay_compressed_and_match_streaming(llama_dir):
+    cfg = _load(llama_dir).config
+    p = make_plan(cfg, torch.float32, 2**30, "nf4")
+    reserve = p.global_bytes + 2 * p.packed_layer_bytes + 2 * p.packed_layer_bytes  # room for 2 compressed layers
+    dense = make_plan(cfg, torch.float32, reserve, "nf4", resident_compressed=False)
+    packed = make_plan(cfg, torch.float32, reserve, "nf4")
+    assert len(packed.resident_layers) == 2 and len(packed.resident_layers) > len(dense.resident_layers)
+    assert packed.gpu_bytes <= reserve
+    streamed = _gen(_load(llama_dir, _streamed_builder(llama_dir, "nf4")))
+    mixed = _load(llama_dir, OffloadBuilder(reserve, "nf4", verbose=False))
+    assert sorted(mixed.weights.layers.resident) == [0, 1]
+    assert _gen(mixed) == streamed

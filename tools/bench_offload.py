@@ -56,13 +56,14 @@ def random_layers(config, dtype):
                    else torch.ones(s, device="cuda", dtype=dtype)) for k, s in config.layer_shapes().items()}
 
 
-def build(shape: str, precision: str, reserve: int, ring: int = 2):
+def build(shape: str, precision: str, reserve: int, ring: int = 2, resident_compressed: bool = True):
     from offload_infer.models import CausalLM, ModelWeights, config_from_dict
     from offload_infer.offload import OffloadBuilder
 
     dtype, dev = torch.float16, torch.device("cuda")
     config = config_from_dict(SHAPES[shape])
-    builder = OffloadBuilder(reserve, CODEC[precision], 64, ring, kv_bytes=2 << 30)
+    builder = OffloadBuilder(reserve, CODEC[precision], 64, ring, kv_bytes=2 << 30,
+                             resident_compressed=resident_compressed)
     plan = builder.prepare(config, dev, dtype)
     glob = {k: torch.randn(s, device=dev, dtype=dtype) * 0.02 for k, s in config.global_shapes().items()}
     t0 = time.perf_counter()
@@ -108,6 +109,8 @@ def main() -> None:
     ap.add_argument("--reserve", default="4G")
     ap.add_argument("--ring", type=int, default=2)
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--resident", choices=("compressed", "dense"), default="compressed",
+                    help="keep resident layers compressed (default) or dense, for int8/int4")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_infer.offload import parse_size
@@ -119,7 +122,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         for precision in args.precisions.split(","):
-            model, plan, build_s = build(shape, precision, reserve, args.ring)
+            model, plan, build_s = build(shape, precision, reserve, args.ring, args.resident == "compressed")
             per_pass = sum(p.buffer.numel() for p in model.weights.layers.packed.values())
             print(f"\n{shape} {precision}: {plan.describe()} (built in {build_s:.0f} s)", flush=True)
             print(f"{'tokens':>7} {'pass ms':>9} {'GB streamed':>12} {'eff GB/s':>9} {'vs floor':>9}", flush=True)
