@@ -127,8 +127,10 @@ def make_plan(config: FamilyConfig, dtype: torch.dtype, reserve_bytes: int, code
                 f"{format_size(ring_slots * packed)}, at least {format_size(need)} in all"
             )
         resident = min(n - 1, (reserve_bytes - need) // per_resident)
-    return OffloadPlan(codec, block_size, tuple(range(resident)), compressed, tuple(range(resident, n)), ring_slots,
-                       dense, packed, glob, reserve_bytes)
+    # spread resident layers between streamed ones: their compute then runs while the next copy is in flight
+    keep = {int((j + 0.5) * n / resident) for j in range(resident)} if resident else set()
+    return OffloadPlan(codec, block_size, tuple(sorted(keep)), compressed,
+                       tuple(i for i in range(n) if i not in keep), ring_slots, dense, packed, glob, reserve_bytes)
 
 
 def available_host_bytes() -> int:

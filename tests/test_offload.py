@@ -85,7 +85,7 @@ def test_plan_budget_edges(llama_dir):
     tight = make_plan(cfg, torch.float32, big.global_bytes + 2 * big.packed_layer_bytes)
     assert tight.resident_layers == () and tight.streamed_layers == tuple(range(cfg.n_layers))
     one = make_plan(cfg, torch.float32, tight.reserve_bytes + big.dense_layer_bytes)
-    assert one.resident_layers == (0,)
+    assert len(one.resident_layers) == 1 and len(one.streamed_layers) == cfg.n_layers - 1
     with pytest.raises(OffloadPlanError, match="too small.*ring buffers"):
         make_plan(cfg, torch.float32, big.global_bytes + big.packed_layer_bytes)
     q = make_plan(cfg, torch.float32, tight.reserve_bytes, "nf4")
@@ -222,5 +222,6 @@ def test_resident_layers_stay_compressed_and_match_streaming(llama_dir):
     assert packed.gpu_bytes <= reserve
     streamed = _gen(_load(llama_dir, _streamed_builder(llama_dir, "nf4")))
     mixed = _load(llama_dir, OffloadBuilder(reserve, "nf4", verbose=False))
-    assert sorted(mixed.weights.layers.resident) == [0, 1]
+    assert len(mixed.weights.layers.resident) == 2
+    assert sorted(mixed.weights.layers.resident) != [0, 1]  # spread between streamed layers
     assert _gen(mixed) == streamed

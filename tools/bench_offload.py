@@ -129,11 +129,11 @@ def main() -> None:
             for t in (int(x) for x in args.trees.split(",")):
                 s = time_pass(model, t, args.runs)
                 row = dict(shape=shape, precision=precision, tokens=t, pass_s=s, bytes=per_pass,
-                           eff_bw=per_pass / s, h2d_bw=bw, ratio_to_floor=s / (per_pass / bw),
+                           eff_bw=per_pass / s, h2d_bw=bw, ratio_to_floor=s / (per_pass / bw) if per_pass else None,
                            resident_layers=len(plan.resident_layers), streamed_layers=len(plan.streamed_layers))
                 rows.append(row)
-                print(f"{t:>7} {s * 1e3:>9.1f} {per_pass / 1e9:>12.2f} {per_pass / s / 1e9:>9.1f} "
-                      f"{row['ratio_to_floor']:>9.2f}", flush=True)
+                ratio = f"{row['ratio_to_floor']:>9.2f}" if per_pass else f"{'-':>9}"
+                print(f"{t:>7} {s * 1e3:>9.1f} {per_pass / 1e9:>12.2f} {per_pass / s / 1e9:>9.1f} {ratio}", flush=True)
             del model
             gc.collect()
             torch.cuda.empty_cache()

@@ -44,16 +44,19 @@ def main() -> None:
     tpp = {b: acc[f"budget {b}"]["tokens_per_pass"] for b in budgets}
     calls = {b: acc[f"budget {b}"]["ssm_calls_mean"] for b in budgets}
 
-    # pass-time curves: later files (after the prefetch fix) override earlier rows of the same shape/precision
+    # pass-time curves: later files (after the prefetch fix, then with compressed resident layers spread
+    # between streamed ones, the current default plan) override earlier rows of the same shape/precision
     curves: dict[tuple[str, str], dict[int, float]] = {}
     layer_copy: dict[tuple[str, str], float] = {}
     for name in ("h200_offload_llama_7b_13b.json", "h200_offload_llama_7b_int_after_prefetch_fix.json",
-                 "h200_offload_llama_70b_int4.json"):
+                 "h200_offload_llama_70b_int4.json", "h200_offload_compressed_resident.json"):
         d = json.loads((gd / name).read_text())
         for r in d["rows"]:
             key = (r["shape"], r["precision"])
+            if name == "h200_offload_compressed_resident.json" and key in curves and r["tokens"] == 1:
+                curves[key] = {}
             curves.setdefault(key, {})[r["tokens"]] = r["pass_s"]
-            layer_copy[key] = r["bytes"] / r["streamed_layers"] / r["h2d_bw"]
+            layer_copy[key] = r["bytes"] / r["streamed_layers"] / r["h2d_bw"] if r["streamed_layers"] else 0.0
     e2e = json.loads((gd / "h200_e2e_llama_7b.json").read_text())
     ssm_ms = {int(k): v / 1e3 for k, v in e2e["ssm_forward_ms"].items()}
     flexgen, opt_pass = {}, {}
