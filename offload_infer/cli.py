@@ -119,8 +119,9 @@ def generate(
                            str(llm_config) if llm_config else None, str(tokenizer) if tokenizer else None)
         builder = resident_layers
         if offload:
+            kv_tokens = (max_sequence_length or 2048) + tree_cfg.max_nodes * len(ssm) + 1
             builder = OffloadBuilder(parse_size(offload_reserve_space_size), codec, quant_block_size,
-                                     offload_ring_slots)
+                                     offload_ring_slots, kv_tokens=kv_tokens)
         main = load_model(resolved, device=dev, dtype=dtype, model_type=llm_model, layer_builder=builder)
         tok = main.tokenizer
         if tok is None:

@@ -317,9 +317,11 @@ class OffloadBuilder:
     straight from the checkpoint into pinned buffers (no second host copy of the weights)."""
 
     def __init__(self, reserve_bytes: int, codec: str | None = None, block_size: int = 64, ring_slots: int = 2,
-                 kv_bytes: int = 0, pin: bool = True, verbose: bool = True, resident_compressed: bool = True) -> None:
+                 kv_bytes: int = 0, pin: bool = True, verbose: bool = True, resident_compressed: bool = True,
+                 kv_tokens: int = 0) -> None:
         self.reserve_bytes, self.codec, self.block_size = reserve_bytes, codec, block_size
         self.resident_compressed = resident_compressed
+        self.kv_tokens = kv_tokens  # KV cache slots the engine will allocate (counted in the device check)
         self.ring_slots, self.kv_bytes, self.pin, self.verbose = ring_slots, kv_bytes, pin, verbose
         self.plan: OffloadPlan | None = None
 
@@ -333,7 +335,9 @@ class OffloadBuilder:
             self.codec, self.block_size = stored_codec, stored_block_size or self.block_size
         self.plan = make_plan(config, dtype, self.reserve_bytes, self.codec, self.block_size, self.ring_slots,
                               self.resident_compressed)
-        check_plan(self.plan, device, self.kv_bytes)
+        size = torch.tensor([], dtype=dtype).element_size()
+        kv = self.kv_bytes + 2 * config.n_layers * config.n_kv_heads * config.head_dim * self.kv_tokens * size
+        check_plan(self.plan, device, kv)
         if self.verbose:
             print(self.plan.describe(), file=sys.stderr)
         return self.plan

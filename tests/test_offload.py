@@ -225,3 +225,23 @@ def test_resident_layers_stay_compressed_and_match_streaming(llama_dir):
     assert len(mixed.weights.layers.resident) == 2
     assert sorted(mixed.weights.layers.resident) != [0, 1]  # spread between streamed layers
     assert _gen(mixed) == streamed
+
+
+def test_device_check_counts_the_kv_cache(llama_dir, monkeypatch):
+    import offload_infer.offload as off
+
+    seen = {}
+    monkeypatch.setattr(off, "check_plan", lambda plan, device, kv: seen.setdefault("kv", kv))
+    cfg = _load(llama_dir).config
+    OffloadBuilder(2**30, kv_tokens=100, verbose=False).prepare(cfg, torch.device("cpu"), torch.float32)
+    assert seen["kv"] == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 100 * 4
+
+
+def test_gpu_memory_shortfall_is_clear(llama_dir, monkeypatch):
+    import offload_infer.offload as off
+
+    cfg = _load(llama_dir).config
+    plan = make_plan(cfg, torch.float32, 2**30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 2000))
+    with pytest.raises(OffloadPlanError, match="needs .* GB of GPU memory.*free"):
+        off.check_plan(plan, torch.device("cuda"), kv_bytes=10**6)
