@@ -245,3 +245,21 @@ def test_gpu_memory_shortfall_is_clear(llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 2000))
     with pytest.raises(OffloadPlanError, match="needs .* GB of GPU memory.*free"):
         off.check_plan(plan, torch.device("cuda"), kv_bytes=10**6)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_quant_state_round_trips_through_safetensors(tmp_path, codec):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from quant.codecs import QuantState
+
+    w = torch.randn(32, 128)
+    packed, state = quantize(w, codec, 64)
+    save_file({"w.qdata": packed, **{f"w.{k}": v for k, v in state.tensors().items()}}, tmp_path / "q.safetensors",
+              metadata=state.metadata())
+    with safe_open(str(tmp_path / "q.safetensors"), "pt") as f:
+        back = QuantState.from_tensors(f.metadata(), {"scales": f.get_tensor("w.scales")})
+        assert torch.equal(dequantize(f.get_tensor("w.qdata"), back), dequantize(packed, state))
+    with pytest.raises(ValueError, match="unknown codec"):
+        QuantState.from_tensors({**state.metadata(), "codec": "int2"}, state.tensors())

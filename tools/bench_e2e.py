@@ -5,7 +5,7 @@
 Same model shape, GPU weight budget and prompt (64 random tokens) for:
   (a) transformers + accelerate offloading (fp16);
   (b) (a) with transformers assisted generation and a resident SSM (Qwen2.5-0.5B shape);
-  (c) offload-infer incremental decoding, offloaded (fp16 and int4);
+  (c) offload-infer incremental decoding, offloaded (fp16, int8 and int4);
   (d) offload-infer with SSM token trees (same SSM shape, resident), offloaded;
   (e) FlexGen 0.1.8 at batch 1 on the OPT shape (fp16 and int4), beside (c) on that shape.
 Weights are random (zero for transformers), so a random SSM gets nothing accepted: (b) and (d) show
@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--reserve", default="4GiB")
     ap.add_argument("--flexgen", default="opt-6.7b")
     ap.add_argument("--budgets", default="16,64")
+    ap.add_argument("--precisions", default="fp16,int8,int4", help="for offload-infer's rows (c) and (d)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_infer.offload import parse_size
@@ -142,7 +143,7 @@ def main() -> None:
     del hf, assistant
     _free()
 
-    for precision in ("fp16", "int4"):
+    for precision in args.precisions.split(","):
         llm, plan, _ = build(args.shape, precision, reserve)
         row(system="c", desc="offload-infer incremental", precision=precision,
             **engine_tps(llm, [], TreeConfig()), pass_ms_1=1e3 * time_pass(llm, 1, 5))
