@@ -138,12 +138,10 @@ class Drafter:
         expanded = {0}
 
         def add_children(node: int, lps: list[float], toks: list[int]) -> None:
-            for lp, t in zip(lps, toks):
-                before = len(tree)
+            for lp, t in zip(lps, toks):  # a node is expanded once, its top-k tokens are distinct: all new
                 tree.add(t, node, math.exp(lp))
-                if len(tree) > before:
-                    logp.append(logp[node] + lp)
-                    assert len(logp) == len(tree)
+                logp.append(logp[node] + lp)
+            assert len(logp) == len(tree)
 
         lps, toks = self._children(root_logits, min(branch, budget))
         add_children(0, lps, toks)
@@ -162,7 +160,7 @@ class Drafter:
             for node, lps, toks in zip(todo, lps_all, toks_all):
                 expanded.add(node)
                 add_children(node, lps, toks)
-        keep = sorted(i for i in best() if tree.depths[i] <= max_depth)
+        keep = sorted(best())
         out = TokenTree.root(tree.tokens[0])
         where = {0: 0}
         for i in keep:  # parents precede children, and a kept node's parent is kept (its logp is higher)

@@ -63,7 +63,7 @@ def compress(resolved: ResolvedModel, out: Path, codec: str, block_size: int = 6
              progress: bool = True) -> Path:
     from tqdm import tqdm
 
-    from weights.load import _plan_names, load_tokenizer_for, open_source
+    from weights.load import plan_names, load_tokenizer_for, open_source
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -72,7 +72,7 @@ def compress(resolved: ResolvedModel, out: Path, codec: str, block_size: int = 6
     if compression_of(source):
         raise CheckpointError(f"{resolved.name} is already compressed")
     config = config_from_dict(cfg, model_type)
-    mapping = _plan_names(config, source)
+    mapping = plan_names(config, source)
     need = compressed_size(config, codec, block_size, dtype)
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free

@@ -61,7 +61,7 @@ def open_source(resolved: ResolvedModel) -> tuple[TensorSource, dict]:
     return (SafetensorsSource(files) if resolved.kind == "safetensors" else TorchBinSource(files)), cfg
 
 
-def _plan_names(config: FamilyConfig, source: TensorSource, packed: dict[str, str] | None = None) -> dict[str, str]:
+def plan_names(config: FamilyConfig, source: TensorSource, packed: dict[str, str] | None = None) -> dict[str, str]:
     """canonical name -> source name, after checking that every tensor is there with the right shape.
 
     In a compressed checkpoint (``packed`` holds its metadata) a layer matrix ``W`` is ``W.qdata`` +
@@ -156,7 +156,7 @@ def load_model(
     source, cfg = open_source(resolved)
     config = config_from_dict(cfg, model_type)
     packed = compression_of(source)
-    mapping = _plan_names(config, source, packed)
+    mapping = plan_names(config, source, packed)
     prepare = getattr(layer_builder, "prepare", None)
     if prepare is not None:  # plan (and check memory) before anything large is allocated
         prepare(config, device, dtype, packed["codec"] if packed else None, int(packed["block_size"]) if packed else None)
