@@ -263,3 +263,52 @@ def test_quant_state_round_trips_through_safetensors(tmp_path, codec):
         assert torch.equal(dequantize(f.get_tensor("w.qdata"), back), dequantize(packed, state))
     with pytest.raises(ValueError, match="unknown codec"):
         QuantState.from_tensors({**state.metadata(), "codec": "int2"}, state.tensors())
+
+
+def _rss_anon() -> int:
+    """Anonymous resident memory, after glibc hands back the heap it keeps for reuse."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_streamed_weights_exist_once_in_host_memory(tmp_path):
+    """Building a streamed int8 model from a 200 MB fp32 checkpoint adds about its packed bytes to the
+    process's anonymous memory: no second (pageable or uncompressed) copy of the weights stays behind."""
+    import gc
+
+    from safetensors.torch import save_file
+
+    from offload_infer.models import config_from_dict
+
+    cfg = dict(model_type="llama", vocab_size=1000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+               num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    config = config_from_dict(cfg)
+    g = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(s, generator=g) * 0.02 for n, s in config.global_shapes().items()}
+    for i in range(config.n_layers):
+        tensors |= {config.layer_prefix(i) + k: torch.randn(s, generator=g) * 0.02
+                    for k, s in config.layer_shapes().items()}
+    save_file(tensors, tmp_path / "model.safetensors")
+    del tensors
+    gc.collect()
+    plan = make_plan(config, torch.float32, 2**40, "int8-row")
+    builder = OffloadBuilder(plan.global_bytes + 2 * plan.packed_layer_bytes, "int8-row", verbose=False)
+    quantize(torch.randn(64, 64), "int8-row")  # bitsandbytes' import and first use cost ~120 MB once
+    before = _rss_anon()
+    model = _load(tmp_path, builder)
+    gc.collect()
+    grown = _rss_anon() - before
+    packed = sum(p.buffer.numel() for p in model.weights.layers.packed.values())
+    assert packed == builder.plan.pinned_bytes
+    assert grown <= 1.05 * (packed + builder.plan.global_bytes) + 24 * 2**20, (grown, packed)
