@@ -83,6 +83,3 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
         self.pending = 0
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2

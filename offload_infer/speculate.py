@@ -48,10 +48,6 @@ class TreeConfig:
             return sum(math.prod(self.expansion[: d + 1]) for d in range(len(self.expansion)))
         return self.budget
 
-    @property
-    def depth_limit(self) -> int:
-        return len(self.expansion) if self.expansion else self.max_depth
-
     def max_processed(self) -> int:
         """Most nodes one SSM may process in one tree (sizes its cache beyond the sequence)."""
         if self.expansion:

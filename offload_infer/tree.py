@@ -62,10 +62,6 @@ class TokenTree:
         for i in range(1, len(other)):
             where.append(self.add(other.tokens[i], where[other.parents[i]], other.q[i]))
 
-    @property
-    def max_depth(self) -> int:
-        return max(self.depths)
-
     def token_tensor(self) -> Tensor:
         return torch.tensor(self.tokens, dtype=torch.long)
 

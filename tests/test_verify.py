@@ -60,6 +60,9 @@ def test_merge_keeps_each_distinct_path_once():
 
 def test_attention_mask_sees_prefix_and_ancestors():
     tree = example_tree()
+    assert tree.token_tensor().tolist() == [5, 1, 2, 3, 4, 0]
+    assert tree.parent_tensor().tolist() == [-1, 0, 0, 1, 1, 3]
+    assert tree.depth_tensor().tolist() == [0, 1, 1, 2, 2, 3]
     m = tree.attention_mask(3)
     assert m.shape == (6, 9) and m[:, :3].all()
     assert m[5, 3:].tolist() == [True, True, False, True, False, True]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from weights import catalog
@@ -22,7 +23,6 @@ class ResolvedModel:
     files: tuple[Path, ...]  # weight files
     config_path: Path | None  # config.json (None for GGUF)
     tokenizer_path: Path | None  # directory or file; the GGUF itself for GGUF
-    extra: dict = field(default_factory=dict)
 
 
 def weight_files(d: Path) -> tuple[str, tuple[Path, ...]]:
@@ -54,6 +54,10 @@ def _from_dir(name: str, d: Path, config: Path | None = None, tokenizer: Path | 
     return ResolvedModel(name, kind, files, config, tokenizer or d)
 
 
+def _with_tokenizer(r: ResolvedModel, tokenizer: str | None) -> ResolvedModel:
+    return dataclasses.replace(r, tokenizer_path=Path(tokenizer)) if tokenizer else r
+
+
 def _from_gguf(name: str, path: Path) -> ResolvedModel:
     return ResolvedModel(name, "gguf", (path,), None, path)
 
@@ -83,8 +87,7 @@ def resolve(
             raise CheckpointError(f"GGUF file {path} does not exist")
         return _from_gguf(model, path)
     if path.is_dir():
-        r = _from_dir(model, path)
-        return r if not tokenizer else ResolvedModel(r.name, r.kind, r.files, r.config_path, Path(tokenizer))
+        return _with_tokenizer(_from_dir(model, path), tokenizer)
     entry = catalog.lookup(model)
     if entry is not None:
         cached = catalog.cached_path(entry)
@@ -114,5 +117,4 @@ def _from_hub(repo_id: str, tokenizer: str | None) -> ResolvedModel:
             f"a .gguf file, or one of the offline models: {', '.join(sorted(catalog.CATALOG))} "
             f"(aliases: {', '.join(sorted(catalog.ALIASES))})"
         ) from None
-    r = _from_dir(repo_id, local)
-    return r if not tokenizer else ResolvedModel(r.name, r.kind, r.files, r.config_path, Path(tokenizer))
+    return _with_tokenizer(_from_dir(repo_id, local), tokenizer)
