@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from offload_infer.models.base import FamilyConfig
-from quant.codecs import QuantState, dequantize, packed_nbytes, quantize
+from quant.codecs import QuantState, dequantize, load_backend, packed_nbytes, quantize
 
 ALIGN = 64  # byte alignment of every tensor inside a layer buffer (keeps dtype views legal and copies fast)
 
@@ -345,6 +345,8 @@ class OffloadBuilder:
     def __call__(self, config: FamilyConfig, layers: Iterator[dict[str, Tensor]], device: torch.device,
                  dtype: torch.dtype) -> StreamedLayers:
         plan = self.plan or self.prepare(config, device, dtype)
+        if plan.codec:
+            load_backend()
         resident: dict[int, dict[str, Tensor] | PackedLayer] = {}
         packed: dict[int, PackedLayer] = {}
         qdev = device if device.type == "cuda" else torch.device("cpu")

@@ -26,6 +26,11 @@ def _bnb():
     return F
 
 
+def load_backend() -> None:
+    """Import bitsandbytes now (it takes seconds), so that the first decompression does not pay for it."""
+    _bnb()
+
+
 @dataclass(frozen=True)
 class QuantState:
     codec: str  # one of CODECS

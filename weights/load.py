@@ -17,7 +17,7 @@ from torch import Tensor
 
 from offload_infer.models import CausalLM, FamilyConfig, ModelWeights, ResidentLayers, config_from_dict
 from offload_infer.models.base import LayerSource
-from quant.codecs import QuantState, dequantize, packed_nbytes
+from quant.codecs import QuantState, dequantize, load_backend, packed_nbytes
 from weights.compress import compression_of
 from weights.resolve import ResolvedModel
 from weights.sources import CheckpointError, GGUFSource, SafetensorsSource, TensorSource, TorchBinSource, gguf_config
@@ -34,6 +34,8 @@ def resident_layers(
 ) -> ResidentLayers:
     out = []
     for w in layers:
+        if "__prepacked__" in w:
+            load_backend()
         for k, (p, st) in w.pop("__prepacked__", {}).items():  # a compressed checkpoint, kept resident
             w[k] = dequantize(p.to(device), st.with_scales(st.scales.to(device)), dtype)
         out.append({k: t.to(device=device, dtype=dtype) for k, t in w.items()})
