@@ -103,34 +103,29 @@ def main() -> None:
         out = Path(args.plots)
         style = {"fp16": "-", "int8": "--", "int4": ":"}
         colors = dict(zip(sorted({s for s, _ in table}), plt.cm.tab10.colors))
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (shape, prec), row in sorted(table.items()):
-            ax.plot(budgets, [row[b] for b in budgets], marker="o", ls=style[prec], color=colors[shape],
-                    label=f"{shape} {prec}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("tree budget (speculated tokens per pass)")
-        ax.set_ylabel("projected tokens/s")
-        ax.set_title("Projected tokens/s vs tree budget (H200 times x CPU acceptance)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / "tokens_per_s_vs_budget.png", dpi=120)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for (shape, prec), curve in sorted(curves.items()):
-            if shape.startswith("llama"):
-                xs = sorted(curve)
-                ax.plot(xs, [1e3 * curve[x] for x in xs], marker="o", ls=style[prec], color=colors[shape],
+
+        def plot(series: dict, xlabel: str, ylabel: str, title: str, name: str) -> None:
+            """One log-log figure; ``series`` maps (shape, precision) to {x: y}."""
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for (shape, prec), points in sorted(series.items()):
+                xs = sorted(points)
+                ax.plot(xs, [points[x] for x in xs], marker="o", ls=style[prec], color=colors[shape],
                         label=f"{shape} {prec}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens in the tree (one LLM pass)")
-        ax.set_ylabel("pass time, ms")
-        ax.set_title("Offloaded pass time vs tree size (H200, 4 GiB reserve)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / "pass_time_vs_tokens.png", dpi=120)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=120)
+
+        plot(table, "tree budget (speculated tokens per pass)", "projected tokens/s",
+             "Projected tokens/s vs tree budget (H200 times x CPU acceptance)", "tokens_per_s_vs_budget.png")
+        plot({k: {n: 1e3 * t for n, t in c.items()} for k, c in curves.items() if k[0].startswith("llama")},
+             "tokens in the tree (one LLM pass)", "pass time, ms",
+             "Offloaded pass time vs tree size (H200, 4 GiB reserve)", "pass_time_vs_tokens.png")
         print(f"plots written to {out}")
 
 
