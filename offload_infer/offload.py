@@ -22,6 +22,7 @@ from torch import Tensor
 
 from offload_infer.models.base import FamilyConfig
 from quant.codecs import QuantState, dequantize, load_backend, packed_nbytes, quantize
+from weights.load import dense_layer
 
 ALIGN = 64  # byte alignment of every tensor inside a layer buffer (keeps dtype views legal and copies fast)
 
@@ -351,15 +352,13 @@ class OffloadBuilder:
         packed: dict[int, PackedLayer] = {}
         qdev = device if device.type == "cuda" else torch.device("cpu")
         for i, w in enumerate(layers):
+            if i in plan.resident_layers and not plan.resident_compressed:
+                resident[i] = dense_layer(w, device, dtype)
+                continue
             prepacked = w.pop("__prepacked__", None)
-            if i in plan.resident_layers and plan.resident_compressed:
+            if i in plan.resident_layers:
                 layer = pack_layer(w, plan.codec, plan.block_size, qdev, False, prepacked)
                 resident[i] = PackedLayer(layer.buffer.to(device), layer.entries)
-            elif i in plan.resident_layers:
-                if prepacked:
-                    w |= {k: dequantize(p.to(device), st.with_scales(st.scales.to(device)), dtype)
-                          for k, (p, st) in prepacked.items()}
-                resident[i] = {k: t.to(device=device, dtype=dtype) for k, t in w.items()}
             else:
                 packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, prepacked)
         return StreamedLayers(config.n_layers, resident, packed, device, dtype, plan.ring_slots)

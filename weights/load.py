@@ -29,17 +29,21 @@ _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias
 LayerBuilder = Callable[[FamilyConfig, Iterator[dict[str, Tensor]], torch.device, torch.dtype], LayerSource]
 
 
+def dense_layer(w: dict, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A layer from ``iter_layers`` as dense tensors on ``device``; packed matrices of a compressed
+    checkpoint (``"__prepacked__"``) are decompressed there."""
+    prepacked = w.pop("__prepacked__", {})
+    if prepacked:
+        load_backend()
+    for k, (p, st) in prepacked.items():
+        w[k] = dequantize(p.to(device), st.with_scales(st.scales.to(device)), dtype)
+    return {k: t.to(device=device, dtype=dtype) for k, t in w.items()}
+
+
 def resident_layers(
     config: FamilyConfig, layers: Iterator[dict[str, Tensor]], device: torch.device, dtype: torch.dtype
 ) -> ResidentLayers:
-    out = []
-    for w in layers:
-        if "__prepacked__" in w:
-            load_backend()
-        for k, (p, st) in w.pop("__prepacked__", {}).items():  # a compressed checkpoint, kept resident
-            w[k] = dequantize(p.to(device), st.with_scales(st.scales.to(device)), dtype)
-        out.append({k: t.to(device=device, dtype=dtype) for k, t in w.items()})
-    return ResidentLayers(out)
+    return ResidentLayers([dense_layer(w, device, dtype) for w in layers])
 
 
 @dataclass
