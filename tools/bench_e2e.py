@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_offload import SHAPES, build, h2d_bandwidth, time_pass  # noqa: E402
+from bench_offload import build, h2d_bandwidth, time_pass  # noqa: E402
 from bench_peers import _flexgen_tokenizer, accelerate_model, flexgen_decode, ours_decode  # noqa: E402
 
 SSM_SHAPE = dict(model_type="llama", vocab_size=32000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

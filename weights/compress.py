@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -61,9 +60,7 @@ def compression_of(source) -> dict[str, str] | None:
 def compress(resolved: ResolvedModel, out: Path, codec: str, block_size: int = 64, dtype: torch.dtype = torch.float16,
              force: bool = False, device: torch.device | None = None, model_type: str | None = None,
              progress: bool = True) -> Path:
-    from tqdm import tqdm
-
-    from weights.load import plan_names, load_tokenizer_for, open_source
+    from weights.load import iter_layers, load_tokenizer_for, open_source, plan_names
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -88,18 +85,17 @@ def compress(resolved: ResolvedModel, out: Path, codec: str, block_size: int = 6
         weight_map.update({k: name for k in tensors})
 
     write({n: source.load(mapping[n]).to(dtype).contiguous() for n in config.global_shapes()}, "model-globals.safetensors")
-    for i in tqdm(range(config.n_layers), desc=f"compressing to {codec}", unit="layer", file=sys.stderr,
-                  disable=not progress):
+    layers = iter_layers(config, source, mapping, dtype, progress, f"compressing to {codec}")
+    for i, layer in enumerate(layers):
         prefix = config.layer_prefix(i)
         tensors = {}
-        for k, shape in config.layer_shapes().items():
-            w = source.load(mapping[prefix + k])
-            if len(shape) == 2:
-                packed, state = quantize(w.to(device=device, dtype=dtype), codec, block_size)
+        for k, w in layer.items():
+            if w.ndim == 2:
+                packed, state = quantize(w.to(device), codec, block_size)
                 tensors[prefix + k + ".qdata"] = packed.cpu()
                 tensors[prefix + k + ".scales"] = state.scales.float().cpu()
             else:
-                tensors[prefix + k] = w.to(dtype).contiguous()
+                tensors[prefix + k] = w.contiguous()
         write(tensors, f"model-layer-{i:04d}.safetensors")
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1))
     cfg_out = {k: v for k, v in cfg.items() if not k.startswith("_")}
