@@ -36,21 +36,29 @@ class AutoBudget:
 
     def expected_tokens(self, tree: TokenTree, budget: int) -> float:
         """1 + expected accepted nodes among the ``budget`` nodes the SSMs rank highest."""
+        return self._expected_by_budget(tree, [budget])[budget]
+
+    def _expected_by_budget(self, tree: TokenTree, budgets: list[int]) -> dict[int, float]:
+        """``expected_tokens`` for several budgets, ranking the tree's nodes once."""
         n = len(tree)
         cum = [1.0] * n
         for i in range(1, n):
             cum[i] = cum[tree.parents[i]] * tree.q[i]
-        keep = set(sorted(range(1, n), key=lambda i: (-cum[i], tree.depths[i], i))[:budget])
-        reach = [0.0] * n  # probability that the path to node i is accepted
-        reach[0] = 1.0
-        for parent in range(n):
-            kids = [c for c in tree.children(parent) if c in keep]
-            raw = [self._a(tree.q[c]) for c in kids]
-            total = sum(raw)
-            scale = 1.0 / total if total > 1.0 else 1.0  # siblings exclude each other
-            for c, a in zip(kids, raw):
-                reach[c] = reach[parent] * a * scale
-        return 1.0 + sum(reach[1:])
+        ranked = sorted(range(1, n), key=lambda i: (-cum[i], tree.depths[i], i))
+        out = {}
+        for budget in budgets:
+            keep = set(ranked[:budget])
+            reach = [0.0] * n  # probability that the path to node i is accepted
+            reach[0] = 1.0
+            for parent in range(n):
+                kids = [c for c in tree.children(parent) if c in keep]
+                raw = [self._a(tree.q[c]) for c in kids]
+                total = sum(raw)
+                scale = 1.0 / total if total > 1.0 else 1.0  # siblings exclude each other
+                for c, a in zip(kids, raw):
+                    reach[c] = reach[parent] * a * scale
+            out[budget] = 1.0 + sum(reach[1:])
+        return out
 
     # -- learning and choosing ------------------------------------------------------------------------
     def observe(self, budget: int, tree: TokenTree, path: list[int], seconds: float) -> None:
@@ -60,9 +68,9 @@ class AutoBudget:
                 i = min(_BINS - 1, int(tree.q[c] * _BINS))
                 self.offered[i] += 1
                 self.accepted[i] += c in on_path
-        for b in self.candidates:
-            if b <= len(tree) - 1:
-                self._ema(self.tokens, b, self.expected_tokens(tree, b))
+        fitting = [b for b in self.candidates if b <= len(tree) - 1]
+        for b, tokens in self._expected_by_budget(tree, fitting).items():
+            self._ema(self.tokens, b, tokens)
         self._ema(self.seconds, budget, seconds)
 
     def _ema(self, table: dict[int, float], key: int, value: float) -> None:
