@@ -83,6 +83,7 @@ def generate(
     quant_codec: Optional[str] = typer.Option(None, help="Codec: nf4, fp4, int8-row, int8-block (overrides the flags)."),
     quant_block_size: int = typer.Option(64, help="Elements per scale for block codecs."),
     offload_ring_slots: int = typer.Option(2, min=1, help="Device buffers streamed layers rotate through."),
+    enforce_eager: bool = typer.Option(False, help="Run the SSMs eagerly instead of replaying CUDA graphs."),
     output_file: Optional[Path] = typer.Option(None, help="Write results as a JSON list."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of streaming text."),
 ) -> None:
@@ -137,7 +138,7 @@ def generate(
             ssms.append(loaded.model)
         context = main.model.config.max_position_embeddings
         engine = Engine(main.model, ssms, tree_cfg, max_sequence_length or min(2048, context), tok.eos_ids,
-                        min(vocab, main.model.vocab_size))
+                        min(vocab, main.model.vocab_size), ssm_static=False if enforce_eager else None)
         use_chat = bool(tok.chat_template) if chat is None else chat
         if use_chat and not tok.chat_template:
             raise ValueError(f"{llm} has no chat template; use --no-chat")

@@ -78,7 +78,10 @@ class Engine:
         max_sequence_length: int = 2048,
         eos_ids: set[int] | None = None,
         valid_vocab: int | None = None,
+        ssm_static: bool | None = None,
     ) -> None:
+        """``ssm_static``: draft with padded fixed-shape SSM forwards (CUDA graphs on a GPU); default:
+        whenever an SSM is resident on a CUDA device; False runs the SSMs eagerly."""
         self.llm = llm
         self.tree_cfg = tree or TreeConfig()
         limit = llm.config.max_position_embeddings
@@ -88,7 +91,7 @@ class Engine:
         self.eos_ids = set(eos_ids or ())
         vocab = valid_vocab or llm.vocab_size
         ssms = ssms or []
-        self.drafters = [Drafter(m, max_sequence_length, vocab, self.tree_cfg) for m in ssms]
+        self.drafters = [Drafter(m, max_sequence_length, vocab, self.tree_cfg, ssm_static) for m in ssms]
         spec_nodes = self.tree_cfg.max_nodes * len(ssms)
         self.auto = AutoBudget(self.tree_cfg.budget) if self.tree_cfg.auto and ssms else None
         self.cache = llm.new_cache(max_sequence_length + spec_nodes + 1)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from offload_infer.models import CausalLM
+from offload_infer.static_forward import BUCKETS, StaticForward, can_use_graphs
 from offload_infer.tree import TokenTree
 
 
@@ -56,12 +57,21 @@ class TreeConfig:
 
 
 class Drafter:
-    """One resident SSM: its cache, its backlog and the tree it last grew."""
+    """One resident SSM: its cache, its backlog and the tree it last grew.
 
-    def __init__(self, model: CausalLM, max_len: int, valid_vocab: int, cfg: TreeConfig) -> None:
+    ``static`` runs its forwards at padded fixed shapes (static_forward.py), replayed from CUDA graphs
+    when the SSM is resident on a GPU; by default it is on exactly then.
+    """
+
+    def __init__(
+        self, model: CausalLM, max_len: int, valid_vocab: int, cfg: TreeConfig, static: bool | None = None
+    ) -> None:
         self.model = model
         self.cfg = cfg
-        self.cache = model.new_cache(max_len + cfg.max_processed() + 1)
+        static = can_use_graphs(model) if static is None else static
+        pad = max(BUCKETS) if static else 0  # room for the padding rows of the largest bucket
+        self.cache = model.new_cache(max_len + cfg.max_processed() + 1 + pad)
+        self.static = StaticForward(model, self.cache) if static else None
         self.valid_vocab = valid_vocab  # ids at or above this are embedding padding: never proposed
         self.backlog: list[int] = []
         self._tree = TokenTree.root(0)
@@ -91,11 +101,19 @@ class Drafter:
         root_pos = cache.length - 1
         tokens = torch.tensor([tree.tokens[x] for x in nodes])
         positions = torch.tensor([root_pos + tree.depths[x] for x in nodes])
-        logits = self.model.forward(tokens, positions, cache, mask)
+        logits = self._forward(tokens, positions, mask)
         self.calls += 1
         for r, node in enumerate(nodes):
             self._slot[node] = past - cache.length + r
         return logits
+
+    def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
+        if self.static is None or tokens.numel() > self.static.max_tokens:
+            return self.model.forward(tokens, positions, self.cache, mask)
+        if mask is None:
+            start, n = self.cache.end, tokens.numel()
+            mask = torch.ones(n, start + n, dtype=torch.bool).tril(start)  # causal after the cache
+        return self.static.forward(tokens, positions, mask)
 
     def draft(self, max_depth: int, budget: int | None = None) -> TokenTree:
         """Grow a tree from the last committed token (the end of the backlog), at most ``max_depth`` deep
@@ -106,7 +124,7 @@ class Drafter:
             return TokenTree.root(root)
         start = self.cache.length
         chain = torch.tensor(self.backlog)
-        root_logits = self.model.forward(chain, torch.arange(start, start + len(chain)), self.cache)[-1]
+        root_logits = self._forward(chain, torch.arange(start, start + len(chain)), None)[-1]
         self.calls += 1
         self.cache.commit_all()
         self.backlog = []

@@ -38,6 +38,7 @@ class StubSSM:
 
     def __init__(self, like, favourite: int) -> None:
         self.config, self.vocab_size, self.fav = like.config, like.vocab_size, favourite
+        self.device = torch.device("cpu")
 
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config

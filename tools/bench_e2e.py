@@ -6,7 +6,8 @@ Same model shape, GPU weight budget and prompt (64 random tokens) for:
   (a) transformers + accelerate offloading (fp16);
   (b) (a) with transformers assisted generation and a resident SSM (Qwen2.5-0.5B shape);
   (c) offload-infer incremental decoding, offloaded (fp16, int8 and int4);
-  (d) offload-infer with SSM token trees (same SSM shape, resident), offloaded;
+  (d) offload-infer with SSM token trees (same SSM shape, resident, drafting from CUDA graphs; one row
+      with the SSM run eagerly), offloaded;
   (e) FlexGen 0.1.8 at batch 1 on the OPT shape (fp16 and int4), beside (c) on that shape.
 Weights are random (zero for transformers), so a random SSM gets nothing accepted: (b) and (d) show
 what drafting costs here; what speculation gains comes from the real pair's acceptance on the CPU
@@ -70,10 +71,10 @@ def random_ssm(dtype=torch.float16):
     return CausalLM(cfg, ModelWeights(g, ResidentLayers(layers)), torch.device("cuda"), dtype)
 
 
-def engine_tps(llm, ssms, tree, runs: int = 3) -> dict:
+def engine_tps(llm, ssms, tree, runs: int = 3, ssm_static: bool | None = None) -> dict:
     from offload_infer.engine import Engine, GenerationStats
 
-    engine = Engine(llm, ssms, tree, max_sequence_length=512)
+    engine = Engine(llm, ssms, tree, max_sequence_length=512, ssm_static=ssm_static)
     prompt = torch.randint(3, 1000, (PROMPT,)).tolist()
     rates, stats = [], None
     for _ in range(runs):
@@ -107,6 +108,28 @@ def ssm_forward_ms(ssm, sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256), runs: int = 7)
     return out
 
 
+def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: int = 7) -> dict:
+    """Wall time of one drafting round (an SSM forward plus the tree bookkeeping around it) when growing
+    a best-first tree of each budget: median draft time / SSM calls, after two warm-up drafts."""
+    from offload_infer.speculate import Drafter, TreeConfig
+
+    out = {}
+    for b in budgets:
+        d = Drafter(ssm, 512, ssm.vocab_size, TreeConfig(budget=b, max_depth=12), static=static)
+        d.reset(torch.randint(3, 1000, (PROMPT,)).tolist())
+        per_round = []
+        for r in range(runs + 2):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tree = d.draft(12, b)
+            torch.cuda.synchronize()
+            if r >= 2:
+                per_round.append((time.perf_counter() - t0) / d.calls)
+            d.commit([], tree.tokens[-1])  # drop the tree, queue one token: the next draft starts like a pass's
+        out[b] = 1e3 * statistics.median(per_round)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-7b")
@@ -129,7 +152,11 @@ def main() -> None:
 
     ssm = random_ssm()
     res["ssm_forward_ms"] = ssm_forward_ms(ssm)
-    print("SSM (Qwen2.5-0.5B shape) forward ms by tokens:", res["ssm_forward_ms"], flush=True)
+    print("SSM (Qwen2.5-0.5B shape) eager forward ms by tokens:", res["ssm_forward_ms"], flush=True)
+    for static in (True, False):
+        key = "draft_round_ms_" + ("graphs" if static else "eager")
+        res[key] = draft_round_ms(ssm, static=static)
+        print(f"drafting round ms by budget ({key[15:]}):", res[key], flush=True)
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -150,6 +177,8 @@ def main() -> None:
         for b in (int(x) for x in args.budgets.split(",")):
             row(system="d", desc=f"offload-infer token tree, budget {b}", precision=precision,
                 **engine_tps(llm, [ssm], TreeConfig(budget=b, max_depth=12)))
+        row(system="d", desc=f"offload-infer token tree, budget {b}, eager SSM", precision=precision,
+            **engine_tps(llm, [ssm], TreeConfig(budget=b, max_depth=12), ssm_static=False))
         del llm
         _free()
 

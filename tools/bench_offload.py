@@ -56,7 +56,9 @@ def random_layers(config, dtype):
                    else torch.ones(s, device="cuda", dtype=dtype)) for k, s in config.layer_shapes().items()}
 
 
-def build(shape: str, precision: str, reserve: int, ring: int = 2, resident_compressed: bool = True):
+def build(shape: str, precision: str, reserve: int, ring: int = 2, resident_compressed: bool = True,
+          layers=None, globals_=None):
+    """An offloaded model at ``shape`` from ``layers`` (an iterator of layer dicts; default random)."""
     from offload_infer.models import CausalLM, ModelWeights, config_from_dict
     from offload_infer.offload import OffloadBuilder
 
@@ -65,9 +67,9 @@ def build(shape: str, precision: str, reserve: int, ring: int = 2, resident_comp
     builder = OffloadBuilder(reserve, CODEC[precision], 64, ring, kv_bytes=2 << 30,
                              resident_compressed=resident_compressed)
     plan = builder.prepare(config, dev, dtype)
-    glob = {k: torch.randn(s, device=dev, dtype=dtype) * 0.02 for k, s in config.global_shapes().items()}
+    glob = globals_ or {k: torch.randn(s, device=dev, dtype=dtype) * 0.02 for k, s in config.global_shapes().items()}
     t0 = time.perf_counter()
-    layers = builder(config, random_layers(config, dtype), dev, dtype)
+    layers = builder(config, layers or random_layers(config, dtype), dev, dtype)
     build_s = time.perf_counter() - t0
     return CausalLM(config, ModelWeights(glob, layers), dev, dtype), plan, build_s
 
