@@ -4,13 +4,17 @@ Hardware-aware in Sequoia's sense: the expected tokens per pass of every candida
 the SSMs' own probabilities, calibrated online against what the LLM actually accepted, and the cost
 of a step (drafting + the LLM pass) is measured per budget as generation proceeds. Candidates not yet
 tried get an optimistic estimate (the last measured step time, the last acceptance gain continued),
-so each is tried once and then judged on measurements; estimates are moving averages, so the choice
-follows changes in content (code vs prose) and carries over between requests.
+so each is tried once and then judged on measurements. Expected tokens are moving averages and step
+times the lower median of each budget's last few, so the choice follows changes in content (code vs
+prose) and carries over between requests. Every ``probe_every``-th
+pass tries a neighbour of the best budget (alternately the next smaller and larger), so a step time
+measured once under unusual load (or a stale one) is measured again instead of ruling a budget out.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 
 from offload_infer.tree import TokenTree
 
@@ -18,14 +22,17 @@ _BINS = 20  # calibration bins over the SSM's conditional probability of a node'
 
 
 class AutoBudget:
-    def __init__(self, max_budget: int, start: int = 16, alpha: float = 0.3) -> None:
+    def __init__(self, max_budget: int, start: int = 16, alpha: float = 0.3, probe_every: int = 8) -> None:
         self.candidates = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if b <= max_budget]
         if max_budget not in self.candidates:
             self.candidates.append(max_budget)
         self.alpha = alpha
+        self.probe_every = probe_every
+        self._chosen = 0  # passes chosen so far
         self.current = min(start, max_budget)
         self.tokens: dict[int, float] = {}  # budget -> expected tokens per pass (accepted + 1)
         self.seconds: dict[int, float] = {}  # budget -> seconds per step (drafting + LLM pass)
+        self._recent: dict[int, deque[float]] = {}  # budget -> its last step times
         self.offered = [1.0] * _BINS  # pseudo-counts: a weak prior a(q) = q
         self.accepted = [(i + 0.5) / _BINS for i in range(_BINS)]
 
@@ -61,7 +68,8 @@ class AutoBudget:
         return out
 
     # -- learning and choosing ------------------------------------------------------------------------
-    def observe(self, budget: int, tree: TokenTree, path: list[int], seconds: float) -> None:
+    def observe(self, budget: int, tree: TokenTree, path: list[int], seconds: float | None) -> None:
+        """Learn from one pass: acceptance always, the step time unless ``seconds`` is None."""
         on_path = set(path)
         for node in path:
             for c in tree.children(node):
@@ -71,7 +79,10 @@ class AutoBudget:
         fitting = [b for b in self.candidates if b <= len(tree) - 1]
         for b, tokens in self._expected_by_budget(tree, fitting).items():
             self._ema(self.tokens, b, tokens)
-        self._ema(self.seconds, budget, seconds)
+        if seconds is not None:  # the lower median of the last few: a one-off stall is outvoted at once
+            recent = self._recent.setdefault(budget, deque(maxlen=5))
+            recent.append(seconds)
+            self.seconds[budget] = sorted(recent)[(len(recent) - 1) // 2]
 
     def _ema(self, table: dict[int, float], key: int, value: float) -> None:
         table[key] = value if key not in table else (1 - self.alpha) * table[key] + self.alpha * value
@@ -108,7 +119,16 @@ class AutoBudget:
         return tok, sec
 
     def choose(self) -> int:
+        """The budget for the next pass."""
         if not self.seconds:
             return self.current
-        self.current = max(self.candidates, key=lambda b: self._estimate(b)[0] / self._estimate(b)[1])
-        return self.current
+        best = max(self.candidates, key=lambda b: self._estimate(b)[0] / self._estimate(b)[1])
+        self._chosen += 1
+        self.current = best
+        if self.probe_every and self._chosen % self.probe_every == 0:
+            at = self.candidates.index(best)
+            side = -1 if (self._chosen // self.probe_every) % 2 else 1
+            for i in (at + side, at - side):
+                if 0 <= i < len(self.candidates):
+                    return self.candidates[i]
+        return best

@@ -142,6 +142,7 @@ class Engine:
             llm.weights.layers.prefetch()  # the LLM's first streamed layers load while the SSMs draft
             t0 = time.perf_counter()
             budget = self.auto.choose() if self.auto else self.tree_cfg.budget
+            captured = sum(d.graphs_captured for d in self.drafters)
             tree = TokenTree.root(root)
             for d in self.drafters:
                 tree.merge(d.draft(depth, budget))
@@ -158,8 +159,9 @@ class Engine:
             if self.drafters:
                 stats.budgets.append(budget)
                 stats.ssm_calls.append(sum(d.calls for d in self.drafters))
-            if self.auto and depth >= 1:
-                self.auto.observe(budget, tree, path, t2 - t0)
+            if self.auto and depth >= 1:  # a step that captured a graph is not timed: a one-time cost
+                fresh = sum(d.graphs_captured for d in self.drafters) > captured
+                self.auto.observe(budget, tree, path, None if fresh else t2 - t0)
             accepted = [tree.tokens[i] for i in path[1:]]
             for d in self.drafters:
                 d.commit(accepted, nxt)

@@ -13,6 +13,7 @@ accepted tokens that were leaves of its tree and the LLM's bonus token). Two way
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -76,7 +77,12 @@ class Drafter:
         self.backlog: list[int] = []
         self._tree = TokenTree.root(0)
         self._slot: dict[int, int] = {}  # tree node -> pending cache slot (nodes the SSM processed)
+        self._anc = torch.zeros(64, 64, dtype=torch.bool)  # pending slot -> pending slots of its ancestors + itself
         self.calls = 0  # SSM forwards in the last draft (drafting rounds)
+
+    @property
+    def graphs_captured(self) -> int:
+        return self.static.captures if self.static is not None else 0
 
     def reset(self, committed: list[int]) -> None:
         self.cache.reset()
@@ -90,21 +96,28 @@ class Drafter:
     def _forward_nodes(self, nodes: list[int]) -> Tensor:
         """SSM logits ``[len(nodes), V]`` for tree nodes whose ancestors it has processed."""
         tree, cache = self._tree, self.cache
-        past = cache.end
+        past, length = cache.end, cache.length
         n = len(nodes)
-        mask = torch.zeros(n, past + n, dtype=torch.bool)
-        mask[:, : cache.length] = True  # committed sequence, root included
-        for r, node in enumerate(nodes):
-            for a in tree.path(node)[1:-1]:
-                mask[r, cache.length + self._slot[a]] = True
-            mask[r, past + r] = True
-        root_pos = cache.length - 1
+        first = past - length  # pending slot of nodes[0]; the root is committed, so it has none
+        if first + n > self._anc.shape[0]:
+            grown = torch.zeros(2 * (first + n), 2 * (first + n), dtype=torch.bool)
+            grown[: self._anc.shape[0], : self._anc.shape[1]] = self._anc
+            self._anc = grown
+        parent_slots = torch.tensor([self._slot.get(tree.parents[x], -1) for x in nodes])
+        rows = torch.zeros(n, self._anc.shape[1], dtype=torch.bool)  # [n, pending slots]: ancestors + self
+        has_parent = parent_slots >= 0
+        rows[has_parent] = self._anc[parent_slots[has_parent]]
+        own = torch.arange(first, first + n)
+        rows[torch.arange(n), own] = True
+        self._anc[own] = rows
+        mask = torch.cat([torch.ones(n, length, dtype=torch.bool), rows[:, : first + n]], dim=1)  # [n, past + n]
+        root_pos = length - 1
         tokens = torch.tensor([tree.tokens[x] for x in nodes])
         positions = torch.tensor([root_pos + tree.depths[x] for x in nodes])
         logits = self._forward(tokens, positions, mask)
         self.calls += 1
         for r, node in enumerate(nodes):
-            self._slot[node] = past - cache.length + r
+            self._slot[node] = first + r
         return logits
 
     def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
@@ -147,9 +160,10 @@ class Drafter:
         return tree
 
     def _grow_best_first(self, root_logits: Tensor, max_depth: int, budget: int) -> TokenTree:
-        tree, branch = self._tree, self.cfg.branch
+        tree = self._tree
+        k = min(self.cfg.branch, budget)
         logp = [0.0]
-        expanded = {0}
+        expanded: set[int] = set()
 
         def add_children(node: int, lps: list[float], toks: list[int]) -> None:
             for lp, t in zip(lps, toks):  # a node is expanded once, its top-k tokens are distinct: all new
@@ -157,24 +171,25 @@ class Drafter:
                 logp.append(logp[node] + lp)
             assert len(logp) == len(tree)
 
-        lps, toks = self._children(root_logits, min(branch, budget))
+        def rank(i: int) -> tuple[float, int, int]:
+            return (-logp[i], tree.depths[i], i)
+
+        lps, toks = self._children(root_logits, k)
         add_children(0, lps, toks)
-
-        def best() -> list[int]:
-            ranked = sorted(range(1, len(tree)), key=lambda i: (-logp[i], tree.depths[i], i))
-            return ranked[:budget]
-
+        top = sorted(range(1, len(tree)), key=rank)[:budget]  # the best `budget` nodes so far
         while True:
-            todo = [i for i in best() if i not in expanded and tree.depths[i] < max_depth]
+            todo = sorted(i for i in top if i not in expanded and tree.depths[i] < max_depth)
             if not todo:
                 break
-            todo.sort()
             logits = self._forward_nodes(todo)
-            lps_all, toks_all = self._children(logits, min(branch, budget))
+            lps_all, toks_all = self._children(logits, k)
+            new = len(tree)
             for node, lps, toks in zip(todo, lps_all, toks_all):
                 expanded.add(node)
                 add_children(node, lps, toks)
-        keep = sorted(best())
+            # nodes only ever join the tree, so one that falls out of the best `budget` never returns
+            top = heapq.nsmallest(budget, top + list(range(new, len(tree))), key=rank)
+        keep = sorted(top)
         out = TokenTree.root(tree.tokens[0])
         where = {0: 0}
         for i in keep:  # parents precede children, and a kept node's parent is kept (its logp is higher)

@@ -23,7 +23,7 @@ from torch import Tensor
 from offload_infer.kv_cache import KVCache
 from offload_infer.models import CausalLM, ResidentLayers
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)  # padded token counts; each gets its own graph when first used
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # padded token counts; each gets its own graph when first used
 
 
 class _SlotWriter:
@@ -80,6 +80,7 @@ class StaticForward:
         self._buckets: dict[int, _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.replays = 0  # forwards served by a bucket (graph replays on CUDA)
+        self.captures = 0  # graphs captured so far (a one-time cost on a bucket's first use)
 
     @property
     def max_tokens(self) -> int:
@@ -107,6 +108,7 @@ class StaticForward:
             for _ in range(2):  # lets cuBLAS and the attention kernels pick and allocate their workspaces
                 self._run(b)
         torch.cuda.current_stream(self.model.device).wait_stream(side)
+        self.captures += 1
         b.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(b.graph, pool=self._pool):
             b.logits = self._run(b)

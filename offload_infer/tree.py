@@ -75,8 +75,10 @@ class TokenTree:
         """``[T, T]`` bool: node i sees node j iff j is i or one of its ancestors."""
         n = len(self)
         mask = torch.eye(n, dtype=torch.bool)
-        for i in range(1, n):
-            mask[i] |= mask[self.parents[i]]
+        parents, depths = self.parent_tensor(), self.depth_tensor()
+        for d in range(1, max(self.depths) + 1):  # one level at a time: parents' rows are complete
+            rows = (depths == d).nonzero().squeeze(1)
+            mask[rows] |= mask[parents[rows]]
         return mask
 
     def attention_mask(self, past: int) -> Tensor:

@@ -18,9 +18,11 @@ def chain(b: int, q: float) -> TokenTree:
     return t
 
 
-def simulate(step_time, accept: float, steps: int = 300, fixed: int | None = None, seed: int = 0) -> float:
+def simulate(step_time, accept: float, steps: int = 300, fixed: int | None = None, seed: int = 0,
+             observed=None) -> float:
     """Tokens per second over ``steps`` passes of chains whose every level the 'LLM' accepts with
-    probability ``accept``; the SSM says 0.9 for every token (so calibration has work to do)."""
+    probability ``accept``; the SSM says 0.9 for every token (so calibration has work to do).
+    ``observed(b, seconds)``, if given, is the step time the auto budget is shown instead."""
     rng = random.Random(seed)
     auto = AutoBudget(max_budget=256)
     tokens = seconds = 0.0
@@ -31,7 +33,7 @@ def simulate(step_time, accept: float, steps: int = 300, fixed: int | None = Non
         while len(path) <= b and rng.random() < accept:
             path.append(len(path))
         sec = step_time(b)
-        auto.observe(b, tree, path, sec)
+        auto.observe(b, tree, path, observed(b, sec) if observed else sec)
         tokens += len(path)
         seconds += sec
     return tokens / seconds
@@ -43,6 +45,8 @@ def simulate(step_time, accept: float, steps: int = 300, fixed: int | None = Non
         ("offloaded: flat pass time", lambda b: 0.2 + 0.0004 * b, 0.9),
         ("compute-bound: time grows with the tree", lambda b: 0.05 + 0.01 * b, 0.9),
         ("poor SSM", lambda b: 0.2 + 0.001 * b, 0.3),
+        # as measured on an H200 (int4 7B, an SSM that agrees little): drafting dominates large budgets
+        ("poor SSM, drafting grows", lambda b: 0.026 + 0.0006 * b, 0.25),
     ],
 )
 def test_auto_is_within_10_percent_of_the_best_fixed_budget(name, step_time, accept):
@@ -81,3 +85,18 @@ def test_auto_with_expansion_is_refused():
 
     with pytest.raises(ValueError, match="automatic tree budget"):
         TreeConfig(auto=True, expansion=(1, 2))
+
+
+def test_a_one_time_cost_on_a_budgets_first_try_does_not_rule_it_out():
+    """A budget's first step may pay once (a CUDA graph captured for a new size, kernels chosen):
+    probing neighbours re-measures it, so the choice still ends near the best fixed budget."""
+    seen = set()
+
+    def first_use_costs_more(b, seconds):
+        extra = 0.0 if b in seen else 0.3  # ten steps' worth
+        seen.add(b)
+        return seconds + extra
+
+    base = lambda b: 0.026 + 0.0006 * b  # noqa: E731
+    best = max(simulate(base, 0.25, fixed=b) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256))
+    assert simulate(base, 0.25, observed=first_use_costs_more) >= 0.9 * best
