@@ -19,6 +19,7 @@ from collections import deque
 from offload_infer.tree import TokenTree
 
 _BINS = 20  # calibration bins over the SSM's conditional probability of a node's token
+_SLOW = 0.1  # smoothing of realised tokens per pass (noisy: 1 to depth + 1)
 
 
 class AutoBudget:
@@ -33,6 +34,11 @@ class AutoBudget:
         self.tokens: dict[int, float] = {}  # budget -> expected tokens per pass (accepted + 1)
         self.seconds: dict[int, float] = {}  # budget -> seconds per step (drafting + LLM pass)
         self._recent: dict[int, deque[float]] = {}  # budget -> its last step times
+        # realised vs expected tokens per pass, per budget used (moving averages): the model multiplies
+        # per-node acceptances as if independent, but real acceptance runs in streaks (easy stretches
+        # of text), so it underestimates deep trees; their ratio corrects it
+        self._real: dict[int, float] = {}
+        self._model: dict[int, float] = {}
         self.offered = [1.0] * _BINS  # pseudo-counts: a weak prior a(q) = q
         self.accepted = [(i + 0.5) / _BINS for i in range(_BINS)]
 
@@ -77,15 +83,26 @@ class AutoBudget:
                 self.offered[i] += 1
                 self.accepted[i] += c in on_path
         fitting = [b for b in self.candidates if b <= len(tree) - 1]
-        for b, tokens in self._expected_by_budget(tree, fitting).items():
-            self._ema(self.tokens, b, tokens)
+        expected = self._expected_by_budget(tree, sorted(set(fitting) | {min(budget, len(tree) - 1)}))
+        for b in fitting:
+            self._ema(self.tokens, b, expected[b])
+        self._ema(self._real, budget, float(len(path)), _SLOW)
+        self._ema(self._model, budget, expected[min(budget, len(tree) - 1)], _SLOW)
         if seconds is not None:  # the lower median of the last few: a one-off stall is outvoted at once
             recent = self._recent.setdefault(budget, deque(maxlen=5))
             recent.append(seconds)
             self.seconds[budget] = sorted(recent)[(len(recent) - 1) // 2]
 
-    def _ema(self, table: dict[int, float], key: int, value: float) -> None:
-        table[key] = value if key not in table else (1 - self.alpha) * table[key] + self.alpha * value
+    def _ema(self, table: dict[int, float], key: int, value: float, alpha: float | None = None) -> None:
+        a = self.alpha if alpha is None else alpha
+        table[key] = value if key not in table else (1 - a) * table[key] + a * value
+
+    def _correction(self, b: int) -> float:
+        """Realised / expected tokens at the tried budget nearest to ``b`` (1 before any pass)."""
+        if not self._real:
+            return 1.0
+        k = min(self._real, key=lambda x: (abs(math.log2(x / b)), x))
+        return self._real[k] / max(self._model[k], 1e-9)
 
     def _seconds(self, b: int) -> float:
         """Measured step time, else a line ``c0 + c1 * b`` fitted to the measurements (one measurement:
@@ -116,7 +133,7 @@ class AutoBudget:
             prev = [x for x in known_e if x < k]
             gain = self.tokens[k] - self.tokens[prev[-1]] if prev else 0.5
             tok = self.tokens[k] + max(gain, 0.05) * math.log2(b / k)
-        return tok, sec
+        return tok * self._correction(b), sec
 
     def choose(self) -> int:
         """The budget for the next pass."""

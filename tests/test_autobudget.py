@@ -100,3 +100,27 @@ def test_a_one_time_cost_on_a_budgets_first_try_does_not_rule_it_out():
     base = lambda b: 0.026 + 0.0006 * b  # noqa: E731
     best = max(simulate(base, 0.25, fixed=b) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256))
     assert simulate(base, 0.25, observed=first_use_costs_more) >= 0.9 * best
+
+
+def test_acceptance_in_streaks_is_corrected_by_realised_tokens():
+    """Real text has easy and hard stretches: a pass accepts almost everything or little. Per-node
+    acceptance averaged over both underestimates deep trees; the realised tokens per pass correct it."""
+    def streaky(seed: int, fixed: int | None = None) -> float:
+        rng = random.Random(seed)
+        auto = AutoBudget(max_budget=256)
+        tokens = seconds = 0.0
+        for _ in range(300):
+            b = fixed or auto.choose()
+            tree = chain(b, 0.9)
+            accept = 0.97 if rng.random() < 0.5 else 0.2
+            path = [0]
+            while len(path) <= b and rng.random() < accept:
+                path.append(len(path))
+            sec = 0.2 + 0.0004 * b
+            auto.observe(b, tree, path, sec)
+            tokens += len(path)
+            seconds += sec
+        return tokens / seconds
+
+    best = max(streaky(1, fixed=b) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256))
+    assert streaky(1) >= 0.9 * best

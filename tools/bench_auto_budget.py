@@ -27,7 +27,7 @@ from collections import Counter
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_offload import SHAPES, build  # noqa: E402
+from bench_offload import CODEC, SHAPES, build  # noqa: E402
 
 
 def agreeing_pair(shape: str, precision: str, reserve: int, eps: float, ssm_layers: int, head_scale: float):
@@ -51,6 +51,12 @@ def agreeing_pair(shape: str, precision: str, reserve: int, eps: float, ssm_laye
             w = {k: (rand(s) if len(s) == 2 else torch.ones(s, device=dev, dtype=dtype))
                  for k, s in config.layer_shapes().items()}
             if i < ssm_layers:
+                if CODEC[precision]:  # the SSM gets exactly the weights the LLM decompresses (NF4/int8
+                    # round trips are idempotent), so the first layers agree exactly
+                    from quant.codecs import dequantize, quantize
+
+                    w = {k: dequantize(*quantize(t, CODEC[precision], 64), dtype) if t.dim() == 2 else t
+                         for k, t in w.items()}
                 kept.append({k: t.clone() for k, t in w.items()})
             else:
                 w["self_attn.o_proj.weight"] *= eps
@@ -100,9 +106,9 @@ def main() -> None:
     ap.add_argument("--ssm-layers", type=int, default=2)
     ap.add_argument("--head-scale", type=float, default=10.0)
     ap.add_argument("--budgets", default="1,2,4,8,16,32,64,128,256")
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_infer.offload import parse_size
