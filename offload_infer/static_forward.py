@@ -114,6 +114,15 @@ class StaticForward:
             b.logits = self._run(b)
 
     @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every bucket's graph now (otherwise each is captured on its first use)."""
+        if self.graphs:
+            for size in self.sizes:
+                b = self._bucket(size)
+                if b.graph is None:
+                    self._capture(b)
+
+    @torch.inference_mode()
     def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
         """Logits ``[n, V]`` (fp32) for ``n`` new tokens after the cache's pending tail, like
         ``CausalLM.forward``; ``mask`` ``[n, past + n]`` bool on the CPU (True = visible)."""

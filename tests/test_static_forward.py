@@ -97,6 +97,8 @@ def test_cuda_graph_drafting(tiny_dirs, random_ssm_dir):
     cache, ref_cache = ssm.new_cache(64), ssm.new_cache(64)
     graphed = StaticForward(ssm, cache)
     assert graphed.graphs
+    graphed.capture_all()
+    assert graphed.captures == len(graphed.sizes)
     plain = _tree_step(ssm, lambda t, p, m: ssm.forward(t, p, ref_cache, m), ref_cache)
     out = _tree_step(ssm, graphed.forward, cache)
     for a, b in zip(plain, out):

@@ -73,6 +73,8 @@ def decode(llm, ssms, tree, prompts, new: int) -> dict:
     from offload_infer.engine import Engine, GenerationStats
 
     engine = Engine(llm, ssms, tree, max_sequence_length=len(prompts[0]) + new + 1)
+    for d in engine.drafters:
+        d.static.capture_all()
     engine_warm = [t for s in engine.generate(prompts[0], 4) for t in s]  # graphs captured, kernels chosen
     assert engine_warm
     if engine.auto is not None:  # forget what the warm-up taught: auto learns on the measured prompts

@@ -75,6 +75,9 @@ def engine_tps(llm, ssms, tree, runs: int = 3, ssm_static: bool | None = None) -
     from offload_infer.engine import Engine, GenerationStats
 
     engine = Engine(llm, ssms, tree, max_sequence_length=512, ssm_static=ssm_static)
+    for d in engine.drafters:
+        if d.static is not None:
+            d.static.capture_all()
     prompt = torch.randint(3, 1000, (PROMPT,)).tolist()
     rates, stats = [], None
     for _ in range(runs):
@@ -116,6 +119,8 @@ def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: 
     out = {}
     for b in budgets:
         d = Drafter(ssm, 512, ssm.vocab_size, TreeConfig(budget=b, max_depth=12), static=static)
+        if d.static is not None:
+            d.static.capture_all()
         d.reset(torch.randint(3, 1000, (PROMPT,)).tolist())
         per_round = []
         for r in range(runs + 2):
