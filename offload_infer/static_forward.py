@@ -98,6 +98,7 @@ class StaticForward:
         return cfg.forward(weights, b.tokens, b.positions, _SlotWriter(self.cache, b.slots), 0, b.mask)
 
     def _capture(self, b: _Bucket) -> None:
+        assert b.size <= self.cache.max_len, "a bucket larger than the cache is never used"
         # the warm-up and the capture write padding at slots beyond the cache's end: nothing sees them
         b.slots.copy_(torch.arange(self.cache.max_len - b.size, self.cache.max_len))
         b.mask.zero_()
@@ -115,9 +116,9 @@ class StaticForward:
 
     @torch.inference_mode()
     def capture_all(self) -> None:
-        """Capture every bucket's graph now (otherwise each is captured on its first use)."""
+        """Capture every usable bucket's graph now (otherwise each is captured on its first use)."""
         if self.graphs:
-            for size in self.sizes:
+            for size in (s for s in self.sizes if s <= self.cache.max_len):
                 b = self._bucket(size)
                 if b.graph is None:
                     self._capture(b)

@@ -98,7 +98,7 @@ def test_cuda_graph_drafting(tiny_dirs, random_ssm_dir):
     graphed = StaticForward(ssm, cache)
     assert graphed.graphs
     graphed.capture_all()
-    assert graphed.captures == len(graphed.sizes)
+    assert graphed.captures == len([s for s in graphed.sizes if s <= 64])  # buckets that fit the cache
     plain = _tree_step(ssm, lambda t, p, m: ssm.forward(t, p, ref_cache, m), ref_cache)
     out = _tree_step(ssm, graphed.forward, cache)
     for a, b in zip(plain, out):
