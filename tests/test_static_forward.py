@@ -108,3 +108,23 @@ def test_cuda_graph_drafting(tiny_dirs, random_ssm_dir):
     engine = Engine(llm, [ssm, llm], TreeConfig(budget=16), max_sequence_length=128)
     assert [t for s in engine.generate(PROMPT, 40) for t in s] == ref
     assert all(d.static is not None and d.static.graphs and d.static.replays > 0 for d in engine.drafters)
+
+
+@pytest.mark.cuda
+def test_cuda_attention_never_uses_cudnn(tiny_dirs, monkeypatch):
+    """cuDNN attention plans per shape (tens of ms of host time each); our shapes change every pass."""
+    import offload_infer.models.attention as attention
+
+    seen = []
+    real = attention.F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    model = load_model(resolve(str(tiny_dirs["llama"][0])), device=torch.device("cuda"), dtype=torch.float16,
+                       progress=False).model
+    model.forward(torch.tensor(PROMPT), torch.arange(len(PROMPT)), model.new_cache(16))
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the user's setting is left as it was

@@ -5,8 +5,9 @@ combined with GPU pass and drafting times measured with random weights at real s
 
 For a best-first tree of budget b:
     step(b)    = t_llm(b + 1) + t_draft(b) - overlap(b)
-    t_draft(b) = SSM calls per pass (CPU run, real pair) x SSM forward time for b tokens (GPU, 0.5B shape,
-                 running maximum over token counts)
+    t_draft(b) = SSM calls per pass (CPU run, real pair) x one drafting round at budget b (GPU, 0.5B
+                 shape: SSM forward replayed from CUDA graphs + the tree bookkeeping around it,
+                 tools/bench_e2e.py's draft_round_ms_graphs; --drafting eager takes the eager rounds)
     overlap(b) = min(t_draft(b), 2 ring slots x one streamed layer's copy time)  (prefetch during drafting)
     tokens/s   = tokens per pass (CPU run, real pair) / step(b)
 t_llm(n) is interpolated (log-linear in n) from tools/bench_offload.py. For the OPT shapes only the
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--acceptance", default="benchmarks/cpu_tree_acceptance.json")
     ap.add_argument("--gpu-dir", default="benchmarks")
     ap.add_argument("--plots", default=None)
+    ap.add_argument("--e2e", default="h200_e2e_llama_7b_graphs.json", help="bench_e2e.py output (in --gpu-dir)")
+    ap.add_argument("--drafting", choices=("graphs", "eager"), default="graphs")
     args = ap.parse_args()
     gd = Path(args.gpu_dir)
     acc = json.loads(Path(args.acceptance).read_text())["trees"]
@@ -58,13 +61,12 @@ def main() -> None:
                 curves[key] = {}
             curves.setdefault(key, {})[r["tokens"]] = r["pass_s"]
             layer_copy[key] = r["bytes"] / r["streamed_layers"] / r["h2d_bw"] if r["streamed_layers"] else 0.0
-    e2e = json.loads((gd / "h200_e2e_llama_7b.json").read_text())
-    # the measured SSM forward is launch-bound and flat in tokens; its smaller figures at 128-256 tokens
-    # came from a warmer GPU, so take the running maximum: monotone in tokens and conservative
-    ssm_ms, top = {}, 0.0
-    for k, v in sorted((int(k), v) for k, v in e2e["ssm_forward_ms"].items()):
+    e2e = json.loads((gd / args.e2e).read_text())
+    # one drafting round by budget; the running maximum keeps it monotone in the budget (conservative)
+    round_s, top = {}, 0.0
+    for k, v in sorted((int(k), v) for k, v in e2e[f"draft_round_ms_{args.drafting}"].items()):
         top = max(top, v / 1e3)
-        ssm_ms[k] = top
+        round_s[k] = top
     flexgen, opt_pass = {}, {}
     for name in ("h200_peers_7b.json", "h200_peers_13b.json"):
         for r in json.loads((gd / name).read_text())["rows"]:
@@ -78,7 +80,8 @@ def main() -> None:
         curves[(shape, prec)] = {n: t1 * base[n] / base[1] for n in base}
         layer_copy[(shape, prec)] = layer_copy[(like, prec)]
 
-    print("GPU: NVIDIA H200 (pass and drafting times, random weights); acceptance: CPU, real Qwen2.5-Coder pair")
+    print(f"GPU: NVIDIA H200 (pass and drafting times, random weights; drafting: {args.drafting}); "
+          "acceptance: CPU, real Qwen2.5-Coder pair")
     print(f"{'shape':<10} {'prec':<5} {'incr tok/s':>10} " + " ".join(f"{'b=' + str(b):>8}" for b in budgets)
           + f" {'best':>10} {'FlexGen':>8} {'x FlexGen':>9}")
     table = {}
@@ -86,7 +89,7 @@ def main() -> None:
         incr = 1 / curve[1]
         row = {}
         for b in budgets:
-            draft = calls[b] * interp(ssm_ms, b)
+            draft = calls[b] * interp(round_s, b)
             step = interp(curve, b + 1) + draft - min(draft, 2 * layer_copy[(shape, prec)])
             row[b] = tpp[b] / step
         best = max(row, key=row.get)
