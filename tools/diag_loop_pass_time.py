@@ -17,6 +17,9 @@ from bench_auto_budget import agreeing_pair
 from offload_infer.engine import Engine, GenerationStats
 from offload_infer.speculate import TreeConfig
 from offload_infer.offload import StreamedLayers
+ap = argparse.ArgumentParser()
+ap.add_argument("--reps", type=int, default=2)
+args = ap.parse_args()
 llm, ssm, plan = agreeing_pair("llama-7b", "int4", int(1.5 * 2**30), 0.03, 2, 10.0)
 src = llm.weights.layers
 g = torch.Generator().manual_seed(1)
@@ -50,9 +53,7 @@ def run(name, tree, gap=0.0, prefetch=True, ssms=True):
     print(f"{name:<26} {tok/sec:7.2f} tok/s tpp {st.as_dict()['tokens_per_pass_mean']:.2f} ssm {1e3*st.ssm_time_s/n:5.1f} "
           f"llm {1e3*st.llm_time_s/n:5.1f} enqueue {1e3*sum(enq)/len(enq):5.1f} ms "
           + " ".join(f"{k[4:]}={s1[k]-s0[k]}" for k in s0), flush=True)
-ap = argparse.ArgumentParser()
-ap.add_argument("--reps", type=int, default=2)
-for rep in range(ap.parse_args().reps):
+for rep in range(args.reps):
     run("incremental", TreeConfig(), ssms=False)
     run("fixed 16", TreeConfig(budget=16, max_depth=16))
     run("fixed 16 + 10ms gap", TreeConfig(budget=16, max_depth=16), gap=0.01)
