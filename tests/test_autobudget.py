@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from offload_infer.autobudget import AutoBudget
+from offload_infer.autobudget import AutoBudget, rank_nodes, tokens_by_budget
 from offload_infer.tree import TokenTree
 
 
@@ -54,15 +54,40 @@ def test_auto_is_within_10_percent_of_the_best_fixed_budget(name, step_time, acc
     assert simulate(step_time, accept) >= 0.9 * best, name
 
 
-def test_expected_tokens_uses_calibrated_acceptance():
-    auto = AutoBudget(max_budget=64)
-    tree = chain(4, 0.5)
-    prior = auto.expected_tokens(tree, 4)
-    assert prior == pytest.approx(1 + 0.5 + 0.25 + 0.125 + 0.0625, rel=0.1)
-    for _ in range(200):  # the LLM accepts everything the SSM proposes
-        auto.observe(4, tree, [0, 1, 2, 3, 4], 0.1)
-    assert auto.expected_tokens(tree, 4) > 4.5
-    assert auto.expected_tokens(tree, 2) < auto.expected_tokens(tree, 4)
+def test_tokens_by_budget_replays_the_pass_on_smaller_trees():
+    t = chain(4, 0.9)
+    assert tokens_by_budget(t, [0, 1, 2], [1, 2, 4]) == {1: 2, 2: 3, 4: 3}
+    # root -> A (0.6) -> C (0.9), root -> B (0.3) -> D (0.9): ranked A, C (0.54), B, D (0.27)
+    t = TokenTree.root(0)
+    a, b = t.add(1, 0, 0.6), t.add(2, 0, 0.3)
+    t.add(3, a, 0.9)
+    d = t.add(4, b, 0.9)
+    assert rank_nodes(t) == [a, 3, b, d]
+    # the LLM took the less likely branch: a smaller tree would have lost it
+    assert tokens_by_budget(t, [0, b, d], [1, 2, 3, 4]) == {1: 1, 2: 1, 3: 2, 4: 3}
+
+
+def test_a_smaller_budget_grows_the_best_nodes_of_a_larger_tree(tiny_dirs):
+    """What tokens_by_budget relies on: best-first growth with budget b keeps the b best nodes of
+    the tree a larger budget grows from the same state."""
+    from offload_infer.speculate import Drafter, TreeConfig
+    from weights.load import load_model
+    from weights.resolve import resolve
+
+    ssm = load_model(resolve(str(tiny_dirs["llama"][0])), progress=False).model
+    committed = [5, 17, 42, 7, 99, 3]
+
+    def paths(tree, nodes):
+        return {tuple(tree.tokens[x] for x in tree.path(n)[1:]) for n in nodes}
+
+    for small, large in ((1, 16), (4, 16), (8, 64)):
+        trees = {}
+        for b in (small, large):
+            d = Drafter(ssm, 64, ssm.vocab_size, TreeConfig(budget=b, max_depth=8))
+            d.reset(committed)
+            trees[b] = d.draft(8, b)
+        big = trees[large]
+        assert paths(big, rank_nodes(big)[:small]) == paths(trees[small], range(1, len(trees[small])))
 
 
 def test_auto_budget_output_equals_incremental(tiny_dirs):

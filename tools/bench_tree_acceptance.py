@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--budgets", default="1,16,64,256")
     ap.add_argument("--auto", action="store_true", help="also run --tree-budget auto (capped at the largest budget)")
+    ap.add_argument("--skip-fixed", action="store_true", help="run only --auto and --expansion, not each budget")
     ap.add_argument("--json", default=None)
     ap.add_argument("--max-depth", type=int, default=12)
     ap.add_argument("--expansion", default="1,1,3,1,1,1,1,1")
@@ -62,7 +63,8 @@ def main() -> None:
     llm, ssm = load_model(resolve(args.llm)), load_model(resolve(args.ssm))
     vocab = shared_vocab_size(llm.tokenizer.token_strings(), ssm.tokenizer.token_strings(), llm.model.vocab_size,
                               ssm.model.vocab_size, args.ssm)
-    configs = {f"budget {b}": TreeConfig(budget=int(b), max_depth=args.max_depth) for b in args.budgets.split(",")}
+    configs = {} if args.skip_fixed else {f"budget {b}": TreeConfig(budget=int(b), max_depth=args.max_depth)
+                                          for b in args.budgets.split(",")}
     if args.auto:
         configs["budget auto"] = TreeConfig(budget=max(int(b) for b in args.budgets.split(",")), auto=True,
                                             max_depth=args.max_depth)
