@@ -68,6 +68,7 @@ class AutoBudget:
         self._den: dict[int, float] = {}  # budget -> the same passes' tokens at the next smaller candidate
         self.seconds: dict[int, float] = {}  # budget -> seconds per step (drafting + LLM pass)
         self._recent: dict[int, deque[float]] = {}  # budget -> its last step times
+        self.history: deque[tuple[int, dict[int, int], float | None]] = deque(maxlen=10000)  # for benchmarks
 
     def observe(self, budget: int, tree: TokenTree, path: list[int], seconds: float | None) -> None:
         """Learn from one pass: tokens for every budget the tree covers, the step time unless None."""
@@ -75,6 +76,7 @@ class AutoBudget:
         if not covered:
             return
         tokens = tokens_by_budget(tree, path, covered)
+        self.history.append((budget, tokens, seconds))
         first = tokens[self.candidates[0]]
         self._base = first if self._base is None else (1 - self.alpha) * self._base + self.alpha * first
         for prev, b in zip(covered, covered[1:]):

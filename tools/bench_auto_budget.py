@@ -94,9 +94,16 @@ def decode(llm, ssms, tree, prompts, new: int) -> dict:
         outputs.append(first + rest)
     d = stats.as_dict()
     passes = len(stats.tokens_per_pass)
+    extra = {}
+    if engine.auto is not None:  # what it learned, and each pass's budget, tokens by budget, seconds
+        a = engine.auto
+        extra = {"estimates": {b: [a.tokens(b), a._seconds(b)] for b in a.candidates},
+                 "history": [[b, t, s] for b, t, s in a.history]}
+        print("auto estimates (tokens, ms):",
+              {b: (round(t, 2), round(1e3 * s, 1)) for b, (t, s) in extra["estimates"].items()}, flush=True)
     return {"tokens_per_s": tokens / seconds, "tokens_per_pass": d["tokens_per_pass_mean"],
             "ssm_ms_per_pass": 1e3 * stats.ssm_time_s / passes, "llm_ms_per_pass": 1e3 * stats.llm_time_s / passes,
-            "budgets": dict(Counter(stats.budgets)), "outputs": outputs}
+            "budgets": dict(Counter(stats.budgets)), "outputs": outputs, **extra}
 
 
 def main() -> None:
