@@ -12,7 +12,7 @@ Same model shape, GPU weight budget and prompt (64 random tokens) for:
 Weights are random (zero for transformers), so a random SSM gets nothing accepted: (b) and (d) show
 what drafting costs here; what speculation gains comes from the real pair's acceptance on the CPU
 (tools/bench_tree_acceptance.py) combined with the pass and drafting times measured here
-(``ssm_forward_ms`` and tools/project_e2e.py).
+(``draft_round_ms_graphs``: one drafting round by tree budget; tools/project_e2e.py combines them).
 """
 
 from __future__ import annotations
