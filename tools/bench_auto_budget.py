@@ -30,10 +30,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_offload import CODEC, SHAPES, build  # noqa: E402
 
 
-def agreeing_pair(shape: str, precision: str, reserve: int, eps: float, ssm_layers: int, head_scale: float):
+def agreeing_pair(shape: str, precision: str, reserve: int, eps: float, ssm_layers: int, head_scale: float,
+                  dtype: torch.dtype = torch.float16):
     from offload_infer.models import CausalLM, ModelWeights, ResidentLayers, config_from_dict
 
-    dev, dtype = torch.device("cuda"), torch.float16
+    dev = torch.device("cuda")
     config = config_from_dict(SHAPES[shape])
     gen = torch.Generator(device=dev).manual_seed(0)
 
@@ -63,7 +64,7 @@ def agreeing_pair(shape: str, precision: str, reserve: int, eps: float, ssm_laye
                 w["mlp.down_proj.weight"] *= eps
             yield w
 
-    llm, plan, _ = build(shape, precision, reserve, layers=layers(), globals_=glob)
+    llm, plan, _ = build(shape, precision, reserve, layers=layers(), globals_=glob, dtype=dtype)
     ssm_cfg = config_from_dict({**SHAPES[shape], "num_hidden_layers": ssm_layers})
     ssm = CausalLM(ssm_cfg, ModelWeights(glob, ResidentLayers(kept)), dev, dtype)
     return llm, ssm, plan
@@ -118,6 +119,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                    help="compute dtype; float32 makes every configuration decode the same text")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_infer.offload import parse_size
@@ -127,13 +130,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 32000, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     res = {"device": torch.cuda.get_device_name(), "shape": args.shape, "precision": args.precision,
+           "dtype": args.dtype,
            "ssm_layers": args.ssm_layers, "head_scale": args.head_scale, "new": args.new,
            "prompts": args.prompts, "runs": []}
     print(f"device: {res['device']}; {args.shape} {args.precision}, reserve {args.reserve}; SSM = the LLM's first "
           f"{args.ssm_layers} layers", flush=True)
     for eps in (float(e) for e in args.eps.split(",")):
         llm, ssm, plan = agreeing_pair(args.shape, args.precision, parse_size(args.reserve), eps, args.ssm_layers,
-                                       args.head_scale)
+                                       args.head_scale, getattr(torch, args.dtype))
         print(f"\neps {eps}: {plan.describe()}", flush=True)
         ref = decode(llm, [], TreeConfig(), prompts, args.new)
         rows = {"incremental": ref}

@@ -57,12 +57,12 @@ def random_layers(config, dtype):
 
 
 def build(shape: str, precision: str, reserve: int, ring: int = 2, resident_compressed: bool = True,
-          layers=None, globals_=None):
+          layers=None, globals_=None, dtype: torch.dtype = torch.float16):
     """An offloaded model at ``shape`` from ``layers`` (an iterator of layer dicts; default random)."""
     from offload_infer.models import CausalLM, ModelWeights, config_from_dict
     from offload_infer.offload import OffloadBuilder
 
-    dtype, dev = torch.float16, torch.device("cuda")
+    dev = torch.device("cuda")
     config = config_from_dict(SHAPES[shape])
     builder = OffloadBuilder(reserve, CODEC[precision], 64, ring, kv_bytes=2 << 30,
                              resident_compressed=resident_compressed)
