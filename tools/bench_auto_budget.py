@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                    help="compute dtype; float32 makes every configuration decode the same text")
+                    help="compute dtype; float32 keeps the configurations on the same text (fp16 rounding lets it drift)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_infer.offload import parse_size
