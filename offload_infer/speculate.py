@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from offload_infer.models import CausalLM
+from offload_infer.models.attention import causal_mask
 from offload_infer.static_forward import BUCKETS, StaticForward, can_use_graphs
 from offload_infer.tree import TokenTree
 
@@ -124,8 +125,7 @@ class Drafter:
         if self.static is None or tokens.numel() > self.static.max_tokens:
             return self.model.forward(tokens, positions, self.cache, mask)
         if mask is None:
-            start, n = self.cache.end, tokens.numel()
-            mask = torch.ones(n, start + n, dtype=torch.bool).tril(start)  # causal after the cache
+            mask = causal_mask(self.cache.end, tokens.numel(), torch.device("cpu"))
         return self.static.forward(tokens, positions, mask)
 
     def draft(self, max_depth: int, budget: int | None = None) -> TokenTree:
