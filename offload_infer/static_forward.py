@@ -22,6 +22,7 @@ from torch import Tensor
 
 from offload_infer.kv_cache import KVCache
 from offload_infer.models import CausalLM, ResidentLayers
+from offload_infer.models.attention import attention_backends
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # padded token counts; each gets its own graph when first used
 
@@ -95,7 +96,8 @@ class StaticForward:
 
     def _run(self, b: _Bucket) -> Tensor:
         cfg, weights = self.model.config, self.model.weights
-        return cfg.forward(weights, b.tokens, b.positions, _SlotWriter(self.cache, b.slots), 0, b.mask)
+        with attention_backends(self.model.device):  # the kernel picked at capture is the one replayed
+            return cfg.forward(weights, b.tokens, b.positions, _SlotWriter(self.cache, b.slots), 0, b.mask)
 
     def _capture(self, b: _Bucket) -> None:
         assert b.size <= self.cache.max_len, "a bucket larger than the cache is never used"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 
 import torch
@@ -70,6 +70,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def attention_backends(device: torch.device) -> AbstractContextManager:
+    """Wrap a whole forward in this (entering it costs ~10 us, too much to pay per layer)."""
+    return sdpa_kernel(_BACKENDS) if device.type == "cuda" else nullcontext()
+
+
 def attend(
     q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, start: int, mask: Tensor
 ) -> Tensor:
@@ -80,12 +85,11 @@ def attend(
     """
     n, n_heads, head_dim = q.shape
     keys, values = cache.write(layer, start, k.transpose(0, 1), v.transpose(0, 1))  # [KV, S, D]
-    with sdpa_kernel(_BACKENDS) if q.is_cuda else nullcontext():
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],  # [1, H, N, D]
-            keys[None],  # [1, KV, S, D]
-            values[None],
-            attn_mask=mask[None, None],  # [1, 1, N, S]
-            enable_gqa=keys.shape[0] != n_heads,
-        )  # [1, H, N, D]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],  # [1, H, N, D]
+        keys[None],  # [1, KV, S, D]
+        values[None],
+        attn_mask=mask[None, None],  # [1, 1, N, S]
+        enable_gqa=keys.shape[0] != n_heads,
+    )  # [1, H, N, D]
     return out[0].transpose(0, 1).reshape(n, n_heads * head_dim)

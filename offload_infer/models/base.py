@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from offload_infer.kv_cache import KVCache
-from offload_infer.models.attention import causal_mask
+from offload_infer.models.attention import attention_backends, causal_mask
 
 
 class LayerSource(Protocol):
@@ -108,7 +108,8 @@ class CausalLM:
             mask = mask.to(self.device)
         assert mask.shape == (n, start + n), f"mask {tuple(mask.shape)} for {n} tokens after {start}"
         try:
-            logits = self.config.forward(self.weights, tokens, positions, cache, start, mask)
+            with attention_backends(self.device):
+                logits = self.config.forward(self.weights, tokens, positions, cache, start, mask)
         except BaseException:
             cache.pending -= n
             raise
