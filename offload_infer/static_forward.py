@@ -132,13 +132,13 @@ class StaticForward:
         n = tokens.numel()
         cache = self.cache
         start = cache.end
-        if n == 0 or n > self.max_tokens or start + self._bucket(n).size > cache.max_len:
+        b = self._bucket(n) if 0 < n <= self.max_tokens else None
+        if b is None or start + b.size > cache.max_len:
             return self.model.forward(tokens, positions, cache, mask)
         if int(positions.max()) >= self.model.config.max_position_embeddings:
             raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
                              f"{self.model.config.max_position_embeddings} tokens")
         assert mask.shape == (n, start + n), f"mask {tuple(mask.shape)} for {n} tokens after {start}"
-        b = self._bucket(n)
         if self.graphs and b.graph is None:
             self._capture(b)
         # [B] inputs: padding rows repeat token 0 / position 0 and see slot 0 alone
