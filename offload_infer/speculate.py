@@ -85,6 +85,11 @@ class Drafter:
     def graphs_captured(self) -> int:
         return self.static.captures if self.static is not None else 0
 
+    def capture_graphs(self) -> None:
+        """Capture every drafting size's CUDA graph now rather than on first use (no-op without graphs)."""
+        if self.static is not None:
+            self.static.capture_all()
+
     def reset(self, committed: list[int]) -> None:
         self.cache.reset()
         self.backlog = list(committed)

@@ -106,6 +106,9 @@ def test_cuda_graph_drafting(tiny_dirs, random_ssm_dir):
     assert graphed.replays == 2
     ref = [t for s in Engine(llm, max_sequence_length=128).generate(PROMPT, 40) for t in s]
     engine = Engine(llm, [ssm, llm], TreeConfig(budget=16), max_sequence_length=128)
+    for d in engine.drafters:
+        d.capture_graphs()
+        assert d.graphs_captured == len([s for s in d.static.sizes if s <= d.cache.max_len])
     assert [t for s in engine.generate(PROMPT, 40) for t in s] == ref
     assert all(d.static is not None and d.static.graphs and d.static.replays > 0 for d in engine.drafters)
 

@@ -30,44 +30,55 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_offload import CODEC, SHAPES, build  # noqa: E402
 
 
-def agreeing_pair(shape: str, precision: str, reserve: int, eps: float, ssm_layers: int, head_scale: float,
-                  dtype: torch.dtype = torch.float16):
-    from offload_infer.models import CausalLM, ModelWeights, ResidentLayers, config_from_dict
+def agreeing_weights(config, eps: float, ssm_layers: int, head_scale: float, device: torch.device,
+                     dtype: torch.dtype, generator: torch.Generator, codec: str | None = None):
+    """The pair's weights: the globals (shared), an iterator over the LLM's layers (drawn as it is
+    consumed), and the list that collects the SSM's layers (the LLM's first ``ssm_layers``, round-tripped
+    through ``codec`` so they equal what the LLM decompresses) while the iterator runs."""
 
-    dev = torch.device("cuda")
-    config = config_from_dict(SHAPES[shape])
-    gen = torch.Generator(device=dev).manual_seed(0)
+    def draw(shapes: dict) -> dict:
+        return {k: (torch.randn(s, device=device, dtype=dtype, generator=generator) * 0.02 if len(s) == 2
+                    else torch.ones(s, device=device, dtype=dtype)) for k, s in shapes.items()}
 
-    def rand(s):
-        return torch.randn(s, device=dev, dtype=dtype, generator=gen) * 0.02
-
-    glob = {k: (rand(s) if len(s) == 2 else torch.ones(s, device=dev, dtype=dtype))
-            for k, s in config.global_shapes().items()}
-    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    glob[head] *= head_scale
+    glob = draw(config.global_shapes())
+    glob["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"] *= head_scale
     kept: list[dict] = []
 
     def layers():
         for i in range(config.n_layers):
-            w = {k: (rand(s) if len(s) == 2 else torch.ones(s, device=dev, dtype=dtype))
-                 for k, s in config.layer_shapes().items()}
+            w = draw(config.layer_shapes())
             if i < ssm_layers:
-                if CODEC[precision]:  # the SSM gets exactly the weights the LLM decompresses (NF4/int8
-                    # round trips are idempotent), so the first layers agree exactly
+                if codec:  # NF4/int8 round trips are idempotent: the first layers agree exactly
                     from quant.codecs import dequantize, quantize
 
-                    w = {k: dequantize(*quantize(t, CODEC[precision], 64), dtype) if t.dim() == 2 else t
-                         for k, t in w.items()}
+                    w = {k: dequantize(*quantize(t, codec, 64), dtype) if t.dim() == 2 else t for k, t in w.items()}
                 kept.append({k: t.clone() for k, t in w.items()})
             else:
                 w["self_attn.o_proj.weight"] *= eps
                 w["mlp.down_proj.weight"] *= eps
             yield w
 
-    llm, plan, _ = build(shape, precision, reserve, layers=layers(), globals_=glob, dtype=dtype)
-    ssm_cfg = config_from_dict({**SHAPES[shape], "num_hidden_layers": ssm_layers})
-    ssm = CausalLM(ssm_cfg, ModelWeights(glob, ResidentLayers(kept)), dev, dtype)
-    return llm, ssm, plan
+    return glob, layers(), kept
+
+
+def ssm_of(shape: dict, glob: dict, kept: list[dict], device: torch.device, dtype: torch.dtype):
+    """The SSM: the shared globals and the collected first layers."""
+    from offload_infer.models import CausalLM, ModelWeights, ResidentLayers, config_from_dict
+
+    cfg = config_from_dict({**shape, "num_hidden_layers": len(kept)})
+    return CausalLM(cfg, ModelWeights(glob, ResidentLayers(kept)), device, dtype)
+
+
+def agreeing_pair(shape: str, precision: str, reserve: int, eps: float, ssm_layers: int, head_scale: float,
+                  dtype: torch.dtype = torch.float16):
+    from offload_infer.models import config_from_dict
+
+    dev = torch.device("cuda")
+    config = config_from_dict(SHAPES[shape])
+    gen = torch.Generator(device=dev).manual_seed(0)
+    glob, layers, kept = agreeing_weights(config, eps, ssm_layers, head_scale, dev, dtype, gen, CODEC[precision])
+    llm, plan, _ = build(shape, precision, reserve, layers=layers, globals_=glob, dtype=dtype)
+    return llm, ssm_of(SHAPES[shape], glob, kept, dev, dtype), plan
 
 
 def decode(llm, ssms, tree, prompts, new: int) -> dict:
@@ -75,7 +86,7 @@ def decode(llm, ssms, tree, prompts, new: int) -> dict:
 
     engine = Engine(llm, ssms, tree, max_sequence_length=len(prompts[0]) + new + 1)
     for d in engine.drafters:
-        d.static.capture_all()
+        d.capture_graphs()
     engine_warm = [t for s in engine.generate(prompts[0], 4) for t in s]  # graphs captured, kernels chosen
     assert engine_warm
     if engine.auto is not None:  # forget what the warm-up taught: auto learns on the measured prompts

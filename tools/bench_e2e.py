@@ -76,8 +76,7 @@ def engine_tps(llm, ssms, tree, runs: int = 3, ssm_static: bool | None = None) -
 
     engine = Engine(llm, ssms, tree, max_sequence_length=512, ssm_static=ssm_static)
     for d in engine.drafters:
-        if d.static is not None:
-            d.static.capture_all()
+        d.capture_graphs()
     prompt = torch.randint(3, 1000, (PROMPT,)).tolist()
     rates, stats = [], None
     for _ in range(runs):
@@ -119,8 +118,7 @@ def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: 
     out = {}
     for b in budgets:
         d = Drafter(ssm, 512, ssm.vocab_size, TreeConfig(budget=b, max_depth=12), static=static)
-        if d.static is not None:
-            d.static.capture_all()
+        d.capture_graphs()
         d.reset(torch.randint(3, 1000, (PROMPT,)).tolist())
         per_round = []
         for r in range(runs + 2):

@@ -52,7 +52,7 @@ def main() -> None:
     def run(name: str, tree: TreeConfig, gap: float = 0.0, prefetch: bool = True, ssms: bool = True) -> None:
         engine = Engine(llm, [ssm] if ssms else [], tree, max_sequence_length=64 + 129)
         for d in engine.drafters:
-            d.static.capture_all()
+            d.capture_graphs()
         list(engine.generate(prompts[0], 4))
         if not prefetch:
             src.prefetch = lambda: None

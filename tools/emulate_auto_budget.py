@@ -14,10 +14,15 @@ seconds instead of its own measurements; tokens/s = tokens / emulated seconds.
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import sys
 from collections import Counter
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_auto_budget import agreeing_weights, ssm_of  # noqa: E402
 
 SHAPE = dict(model_type="llama", vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)
@@ -26,25 +31,11 @@ SHAPE = dict(model_type="llama", vocab_size=32000, hidden_size=1024, intermediat
 def agreeing_pair(eps: float, ssm_layers: int = 2, head_scale: float = 10.0):
     from offload_infer.models import CausalLM, ModelWeights, ResidentLayers, config_from_dict
 
-    cfg = config_from_dict(SHAPE)
-    g = torch.Generator().manual_seed(1)
-
-    def weights(shapes: dict) -> dict:
-        return {n: torch.randn(s, generator=g) * 0.02 if len(s) == 2 else torch.ones(s) for n, s in shapes.items()}
-
-    glob = weights(cfg.global_shapes())
-    glob["lm_head.weight"] *= head_scale
-    layers = []
-    for i in range(cfg.n_layers):
-        w = weights(cfg.layer_shapes())
-        if i >= ssm_layers:
-            w["self_attn.o_proj.weight"] *= eps
-            w["mlp.down_proj.weight"] *= eps
-        layers.append(w)
-    cpu = torch.device("cpu")
-    llm = CausalLM(cfg, ModelWeights(glob, ResidentLayers(layers)), cpu, torch.float32)
-    ssm_cfg = config_from_dict({**SHAPE, "num_hidden_layers": ssm_layers})
-    return llm, CausalLM(ssm_cfg, ModelWeights(glob, ResidentLayers(layers[:ssm_layers])), cpu, torch.float32)
+    cfg, cpu = config_from_dict(SHAPE), torch.device("cpu")
+    glob, layers, kept = agreeing_weights(cfg, eps, ssm_layers, head_scale, cpu, torch.float32,
+                                          torch.Generator().manual_seed(1))
+    llm = CausalLM(cfg, ModelWeights(glob, ResidentLayers(list(layers))), cpu, torch.float32)
+    return llm, ssm_of(SHAPE, glob, kept, cpu, torch.float32)
 
 
 def main() -> None:
