@@ -82,17 +82,23 @@ def agreeing_pair(shape: str, precision: str, reserve: int, eps: float, ssm_laye
 
 
 def decode(llm, ssms, tree, prompts, new: int) -> dict:
+    from offload_infer.autobudget import AutoBudget
     from offload_infer.engine import Engine, GenerationStats
 
+    class Fixed(AutoBudget):  # records what every pass of a fixed budget would have given smaller budgets
+        def choose(self) -> int:
+            return self.current
+
     engine = Engine(llm, ssms, tree, max_sequence_length=len(prompts[0]) + new + 1)
+    record_fixed = engine.auto is None and bool(ssms)
     for d in engine.drafters:
         d.capture_graphs()
     engine_warm = [t for s in engine.generate(prompts[0], 4) for t in s]  # graphs captured, kernels chosen
     assert engine_warm
     if engine.auto is not None:  # forget what the warm-up taught: auto learns on the measured prompts
-        from offload_infer.autobudget import AutoBudget
-
         engine.auto = AutoBudget(tree.budget)
+    elif record_fixed:
+        engine.auto = Fixed(tree.budget, start=tree.budget)
     stats, outputs, tokens, seconds = GenerationStats(), [], 0, 0.0
     for p in prompts:
         it = engine.generate(p, new, stats=stats)
@@ -107,7 +113,9 @@ def decode(llm, ssms, tree, prompts, new: int) -> dict:
     d = stats.as_dict()
     passes = len(stats.tokens_per_pass)
     extra = {}
-    if engine.auto is not None:  # what it learned, and each pass's budget, tokens by budget, seconds
+    if record_fixed:  # each pass's tokens for every smaller budget, and its seconds
+        extra = {"history": [[b, t, s] for b, t, s in engine.auto.history]}
+    elif engine.auto is not None:  # what it learned, and each pass's budget, tokens by budget, seconds
         a = engine.auto
         extra = {"estimates": {b: [a.tokens(b), a._seconds(b)] for b in a.candidates},
                  "history": [[b, t, s] for b, t, s in a.history]}
