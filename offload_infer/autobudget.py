@@ -1,24 +1,28 @@
 """``--tree-budget auto``: pick the tree budget that maximises tokens per second.
 
-Hardware-aware in Sequoia's sense, learned online from two measurements per pass:
+Hardware-aware in Sequoia's sense: expected tokens per pass over expected seconds per step, both
+learned online from what each verified pass shows.
 
 - **Tokens per pass, for every budget up to the one used.** A best-first tree of budget ``b`` is the
   ``b`` nodes the SSMs rank highest, so the tree of a smaller budget ``b'`` is a subset of the one
   just verified, and verification walks the LLM's own tokens down the tree: the smaller tree would have
   accepted exactly the leading nodes of the accepted path that rank among its ``b'``. Each pass
   therefore tells what every smaller budget would have produced on the same text (no model of
-  acceptance, no independence assumption; real acceptance comes in streaks that such models miss).
-  Content varies (easy and hard stretches), so what is kept is the smallest budget's tokens per pass,
-  which every pass measures, and for each larger budget its gain over the next smaller one, measured
-  on the passes that covered both: a budget tried during a hard stretch shows a small gain there,
-  not a small absolute figure.
-- **Seconds per step (drafting + the LLM pass)**, per budget used: the lower median of its last few
-  steps, so a one-off stall is outvoted; untried budgets get a line fitted to the measured ones.
+  acceptance; real acceptance comes in streaks that such models miss). Content varies (easy and hard
+  stretches), so what is kept is the smallest budget's figure, which every pass measures, and for each
+  larger budget its gain over the next smaller one, measured on the passes that covered both.
+- **Seconds per step = the LLM pass + drafting.** The offloaded pass costs about the same whatever the
+  tree (the weights' transfer), so it is kept per budget (lower median of the last few: a stall is
+  outvoted), made non-decreasing in the budget and interpolated for untried ones. Drafting costs one
+  SSM forward per tree level plus a little per node; its two rates are fitted to recent passes, and
+  the levels each budget's tree needs come, like the tokens, from every verified tree (the depth of
+  its best ``b`` nodes). Drafting time follows content (an easy stretch grows deep trees), so a budget
+  is not judged by the stretch it happened to be tried in.
 
 Budgets larger than any tried get an optimistic estimate (the last gain per doubling continued), so
 they are tried; every ``probe_every``-th pass tries a neighbour of the best budget (alternately the
-next smaller and larger), which refreshes stale figures. Token figures are moving averages, so the
-choice follows changes in content (code vs prose) and carries over between requests.
+next smaller and larger), which refreshes the LLM-pass figures. Figures are moving averages, so the
+choice follows changes in content and carries over between requests.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from collections import deque
 from offload_infer.tree import TokenTree
 
 
-_PRIOR_PASSES = 2  # weight, in passes, of the optimistic prior on each doubling's gain
-_GAIN_DECAY = 0.05  # per pass: gains average over ~20 passes (the smallest budget's figure, which
-# scales every estimate alike and so never changes the choice, follows content faster)
+_PRIOR_PASSES = 4  # weight, in passes, of the optimistic prior on each doubling's gain
+_GAIN_DECAY = 0.05  # per pass: gains average over ~20 passes
+_KEEP, _QUANTILE = 8, 0.25  # a cost is the lower quartile of its last 8 measurements
 
 
 def rank_nodes(tree: TokenTree) -> list[int]:
@@ -41,6 +45,16 @@ def rank_nodes(tree: TokenTree) -> list[int]:
     for i in range(1, len(tree)):
         cum[i] = cum[tree.parents[i]] * tree.q[i]
     return sorted(range(1, len(tree)), key=lambda i: (-cum[i], tree.depths[i], i))
+
+
+def depth_by_budget(tree: TokenTree, budgets: list[int]) -> dict[int, int]:
+    """Depth of the tree each budget would have grown (its best ``b`` nodes): drafting takes about one
+    SSM forward per level."""
+    deepest, out = [], 0
+    for node in rank_nodes(tree):
+        out = max(out, tree.depths[node])
+        deepest.append(out)
+    return {b: deepest[min(b, len(deepest)) - 1] if deepest else 0 for b in budgets}
 
 
 def tokens_by_budget(tree: TokenTree, path: list[int], budgets: list[int]) -> dict[int, int]:
@@ -54,73 +68,132 @@ def tokens_by_budget(tree: TokenTree, path: list[int], budgets: list[int]) -> di
     return {b: 1 + sum(1 for need in reach if need <= b) for b in budgets}
 
 
+class _PerPass:
+    """A per-pass figure known for every budget the tree covers (tokens, drafting levels): the smallest
+    budget's moving average times each doubling's gain, averaged over the passes that covered both."""
+
+    def __init__(self, candidates: list[int], alpha: float) -> None:
+        self.candidates, self.alpha = candidates, alpha
+        self.base: float | None = None
+        self._num: dict[int, float] = {}  # budget -> decayed sum of its figure over the passes covering it
+        self._den: dict[int, float] = {}  # budget -> the same passes' figure at the next smaller candidate
+
+    def update(self, values: dict[int, float]) -> None:
+        covered = [b for b in self.candidates if b in values]
+        first = values[self.candidates[0]]
+        self.base = first if self.base is None else (1 - self.alpha) * self.base + self.alpha * first
+        for prev, b in zip(covered, covered[1:]):
+            self._num[b] = (1 - _GAIN_DECAY) * self._num.get(b, 0.0) + values[b]
+            self._den[b] = (1 - _GAIN_DECAY) * self._den.get(b, 0.0) + values[prev]
+
+    def at(self, b: int, default: float) -> float:
+        """The figure at budget ``b``. A doubling's gain is measured, blended with a prior of a few passes'
+        weight that continues the previous doubling's increase (linearly in doublings), so a budget
+        seen a few times in a hard stretch is tried again before being ruled out."""
+        if self.base is None:
+            return default
+        t, increase = self.base, 0.5 * self.base
+        for prev, c in zip(self.candidates, self.candidates[1:]):
+            if c > b:
+                break
+            prior = 1 + max(increase, 0.05 * t) * math.log2(c / prev) / t
+            weight = _PRIOR_PASSES * t  # the next smaller budget's figure over that many passes
+            step = (self._num.get(c, 0.0) + prior * weight) / (self._den.get(c, 0.0) + weight)
+            increase = t * (step - 1) / math.log2(c / prev)  # gained per doubling
+            t *= step
+        return t
+
+
+class _PerBudget:
+    """A cost measured at the budgets used: the lower quartile of each one's last few measurements (a
+    stall is outvoted), non-decreasing in the budget (a figure above a larger budget's is capped by it or,
+    far above it, was inflated by a one-time cost and is left out until re-measured), linear in the
+    budget between measured budgets and, beyond them, flat or continued along the nearest two
+    (optimistic where the true curve bends up, so untried budgets get tried; then their own measurement
+    replaces the guess)."""
+
+    def __init__(self, proportional_below: bool, extend: bool = True) -> None:
+        self.proportional_below = proportional_below  # with one budget measured: else flat below it
+        self.extend = extend  # continue the slope beyond the measured budgets, else flat
+        self.value: dict[int, float] = {}
+        self._recent: dict[int, deque[float]] = {}
+
+    def record(self, b: int, value: float) -> None:
+        recent = self._recent.setdefault(b, deque(maxlen=_KEEP))
+        recent.append(value)
+        self.value[b] = sorted(recent)[int(_QUANTILE * (len(recent) - 1))]
+
+    def at(self, b: int) -> float:
+        pts, low = [], math.inf
+        for c in sorted(self.value, reverse=True):  # a smaller tree never costs more: a figure above a
+            if self.value[c] <= 1.25 * low:  # larger budget's is noise (capped) or, far above it,
+                low = min(low, self.value[c])  # inflated by a one-time cost (left out until re-measured)
+                pts.append((c, low))
+        pts.reverse()
+        if b in dict(pts):
+            return dict(pts)[b]
+        if len(pts) == 1:  # flat above; below flat or proportional
+            (x0, y0), = pts
+            return y0 * b / x0 if b < x0 and self.proportional_below else y0
+        if b < pts[0][0]:
+            if not self.extend:
+                return pts[0][1]
+            (x0, y0), (x1, y1) = pts[0], pts[1]
+        elif b > pts[-1][0]:
+            if not self.extend:
+                return pts[-1][1]
+            (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        else:
+            i = next(i for i in range(1, len(pts)) if pts[i][0] > b)
+            (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        return max(y0 + (y1 - y0) * (b - x0) / (x1 - x0), 0.5 * pts[0][1])
+
+
 class AutoBudget:
     def __init__(self, max_budget: int, start: int = 16, alpha: float = 0.15, probe_every: int = 8) -> None:
         self.candidates = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if b <= max_budget]
         if max_budget not in self.candidates:
             self.candidates.append(max_budget)
-        self.alpha = alpha
         self.probe_every = probe_every
         self._chosen = 0  # passes chosen so far
         self.current = min(start, max_budget)
-        self._base: float | None = None  # tokens per pass (accepted + 1) at the smallest candidate
-        self._num: dict[int, float] = {}  # budget -> decayed sum of its tokens over the passes covering it
-        self._den: dict[int, float] = {}  # budget -> the same passes' tokens at the next smaller candidate
-        self.seconds: dict[int, float] = {}  # budget -> seconds per step (drafting + LLM pass)
-        self._recent: dict[int, deque[float]] = {}  # budget -> its last step times
-        self.history: deque[tuple[int, dict[int, int], float | None]] = deque(maxlen=10000)  # for benchmarks
+        self._tokens = _PerPass(self.candidates, alpha)  # tokens per pass (accepted + 1)
+        self._levels = _PerPass(self.candidates, alpha)  # SSM forwards per drafting: 1 + the tree's depth
+        self._llm = _PerBudget(proportional_below=True)  # seconds per LLM pass
+        self._per_level = _PerBudget(proportional_below=False, extend=False)  # drafting s per SSM forward
+        self.history: deque[dict] = deque(maxlen=10000)  # what each pass told (for benchmarks)
 
-    def observe(self, budget: int, tree: TokenTree, path: list[int], seconds: float | None) -> None:
-        """Learn from one pass: tokens for every budget the tree covers, the step time unless None."""
+    def observe(self, budget: int, tree: TokenTree, path: list[int], seconds: float,
+                draft_seconds: float | None = None, timed: bool = True) -> None:
+        """Learn from one pass: its step time (drafting + LLM pass; ``draft_seconds`` of it drafting,
+        if known), unless ``timed`` is false (a one-time cost was in it), and what every budget the tree
+        covers would have produced."""
         covered = [b for b in self.candidates if b <= len(tree) - 1]
-        if not covered:
+        if covered:
+            self.learn({"budget": budget, "tokens": tokens_by_budget(tree, path, covered),
+                        "depths": depth_by_budget(tree, covered), "nodes": len(tree) - 1,
+                        "seconds": seconds, "draft_seconds": draft_seconds, "timed": timed})
+
+    def learn(self, p: dict) -> None:
+        """Learn from one pass's record (the dict ``observe`` builds; its keys ascend)."""
+        self.history.append(p)
+        self._tokens.update(p["tokens"])
+        self._levels.update({b: 1 + d for b, d in p["depths"].items()})
+        if not p["timed"]:
             return
-        tokens = tokens_by_budget(tree, path, covered)
-        self.history.append((budget, tokens, seconds))
-        first = tokens[self.candidates[0]]
-        self._base = first if self._base is None else (1 - self.alpha) * self._base + self.alpha * first
-        for prev, b in zip(covered, covered[1:]):
-            self._num[b] = (1 - _GAIN_DECAY) * self._num.get(b, 0.0) + tokens[b]
-            self._den[b] = (1 - _GAIN_DECAY) * self._den.get(b, 0.0) + tokens[prev]
-        if seconds is not None:  # the lower median of the last few: a one-off stall is outvoted at once
-            recent = self._recent.setdefault(budget, deque(maxlen=5))
-            recent.append(seconds)
-            self.seconds[budget] = sorted(recent)[(len(recent) - 1) // 2]
+        b, draft = p["budget"], p["draft_seconds"] or 0.0
+        self._llm.record(b, p["seconds"] - draft)
+        self._per_level.record(b, draft / (1 + p["depths"].get(b, max(p["depths"].values()))))
 
     def _seconds(self, b: int) -> float:
-        """Measured step time, else a line ``c0 + c1 * b`` fitted to the measurements (one measurement:
-        flat above it, proportional below it; both optimistic, so untried budgets get tried)."""
-        if b in self.seconds:
-            return self.seconds[b]
-        if not self.seconds:
+        """Estimated seconds per step at budget ``b``: the LLM pass and the drafting."""
+        if not self._llm.value:
             return 1.0
-        if len(self.seconds) == 1:
-            (b0, t0), = self.seconds.items()
-            return t0 if b > b0 else t0 * b / b0
-        xs, ys = list(self.seconds), list(self.seconds.values())
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        var = sum((x - mx) ** 2 for x in xs)
-        c1 = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var)
-        c0 = max(1e-6, my - c1 * mx)
-        return c0 + c1 * b
+        return self._llm.at(b) + self._per_level.at(b) * self._levels.at(b, 1.0)
 
     def tokens(self, b: int) -> float:
-        """Estimated tokens per pass at budget ``b``: the smallest budget's, times the gain of each
-        doubling up to ``b``. A doubling's gain is measured, blended with a prior of two passes' weight
-        that continues the previous doubling's increase in tokens (optimistic, but only linearly in
-        doublings), so a budget seen a few times in a hard stretch is tried again before being ruled out."""
-        if self._base is None:
-            return 1.5
-        t, increase = self._base, 0.5 * self._base
-        for prev, c in zip(self.candidates, self.candidates[1:]):
-            if c > b:
-                break
-            prior = 1 + max(increase, 0.05 * t) * math.log2(c / prev) / t
-            weight = _PRIOR_PASSES * t  # the next smaller budget's tokens over two passes
-            step = (self._num.get(c, 0.0) + prior * weight) / (self._den.get(c, 0.0) + weight)
-            increase = t * (step - 1) / math.log2(c / prev)  # tokens gained per doubling
-            t *= step
-        return t
+        """Estimated tokens per pass at budget ``b``."""
+        return self._tokens.at(b, 1.5)
 
     def rate(self, b: int) -> float:
         """Estimated tokens per second at budget ``b``."""
@@ -128,14 +201,14 @@ class AutoBudget:
 
     def choose(self) -> int:
         """The budget for the next pass."""
-        if not self.seconds:
+        if not self._llm.value:
             return self.current
         best = max(self.candidates, key=self.rate)
         self._chosen += 1
         self.current = best
         if self.probe_every and self._chosen % self.probe_every == 0:
             at = self.candidates.index(best)
-            side = -1 if (self._chosen // self.probe_every) % 2 else 1
+            side = 1 if (self._chosen // self.probe_every) % 2 else -1
             for i in (at + side, at - side):
                 if 0 <= i < len(self.candidates):
                     return self.candidates[i]

@@ -137,6 +137,7 @@ class Engine:
         for d in self.drafters:
             d.reset(prompt_ids + [root])
 
+        first = True
         while True:
             depth = limit - produced - 1  # the bonus token takes the last place
             llm.weights.layers.prefetch()  # the LLM's first streamed layers load while the SSMs draft
@@ -159,9 +160,11 @@ class Engine:
             if self.drafters:
                 stats.budgets.append(budget)
                 stats.ssm_calls.append(sum(d.calls for d in self.drafters))
-            if self.auto and depth >= 1:  # a step that captured a graph is not timed: a one-time cost
+            if self.auto and depth >= 1:  # one-time costs are not timed: a graph captured, or the SSMs'
+                # prefill of the prompt (the first drafting of a request forwards it)
                 fresh = sum(d.graphs_captured for d in self.drafters) > captured
-                self.auto.observe(budget, tree, path, None if fresh else t2 - t0)
+                self.auto.observe(budget, tree, path, t2 - t0, t1 - t0, timed=not fresh and not first)
+            first = False
             accepted = [tree.tokens[i] for i in path[1:]]
             for d in self.drafters:
                 d.commit(accepted, nxt)

@@ -114,11 +114,11 @@ def decode(llm, ssms, tree, prompts, new: int) -> dict:
     passes = len(stats.tokens_per_pass)
     extra = {}
     if record_fixed:  # each pass's tokens for every smaller budget, and its seconds
-        extra = {"history": [[b, t, s] for b, t, s in engine.auto.history]}
+        extra = {"history": list(engine.auto.history)}
     elif engine.auto is not None:  # what it learned, and each pass's budget, tokens by budget, seconds
         a = engine.auto
         extra = {"estimates": {b: [a.tokens(b), a._seconds(b)] for b in a.candidates},
-                 "history": [[b, t, s] for b, t, s in a.history]}
+                 "history": list(a.history)}
         print("auto estimates (tokens, ms):",
               {b: (round(t, 2), round(1e3 * s, 1)) for b, (t, s) in extra["estimates"].items()}, flush=True)
     return {"tokens_per_s": tokens / seconds, "tokens_per_pass": d["tokens_per_pass_mean"],

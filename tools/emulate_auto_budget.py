@@ -68,7 +68,7 @@ def main() -> None:
             if engine.auto is not None:
                 observe = engine.auto.observe
 
-                def emulated(b, t, path, _measured):
+                def emulated(b, t, path, _measured, *_, **__):
                     s = seconds(b)
                     spent[0] += s
                     observe(b, t, path, s)
