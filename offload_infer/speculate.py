@@ -26,6 +26,9 @@ from offload_infer.static_forward import BUCKETS, StaticForward, can_use_graphs
 from offload_infer.tree import TokenTree
 
 
+PROCESSED_PER_BUDGET = 4  # best-first growth expands at most this many nodes per node of budget
+
+
 @dataclass(frozen=True)
 class TreeConfig:
     budget: int = 16  # speculated nodes per LLM pass (best-first); with auto, the largest budget tried
@@ -52,10 +55,12 @@ class TreeConfig:
         return self.budget
 
     def max_processed(self) -> int:
-        """Most nodes one SSM may process in one tree (sizes its cache beyond the sequence)."""
+        """Most nodes one SSM may process in one tree (sizes its cache beyond the sequence). Best-first
+        growth expands about twice its budget (nodes expanded and then outranked); it stops at four times
+        (rarely reached), so that the cache, over which every drafting forward attends, stays small."""
         if self.expansion:
             return self.max_nodes
-        return self.budget * self.max_depth
+        return min(self.budget * self.max_depth, PROCESSED_PER_BUDGET * self.budget)
 
 
 class Drafter:
@@ -182,8 +187,11 @@ class Drafter:
         lps, toks = self._children(root_logits, k)
         add_children(0, lps, toks)
         top = sorted(range(1, len(tree)), key=rank)[:budget]  # the best `budget` nodes so far
+        limit = self.cfg.max_processed()
         while True:
             todo = sorted(i for i in top if i not in expanded and tree.depths[i] < max_depth)
+            if len(expanded) + len(todo) > limit:  # the cache holds no more: the best that fit
+                todo = sorted(sorted(todo, key=rank)[: limit - len(expanded)])
             if not todo:
                 break
             logits = self._forward_nodes(todo)

@@ -128,3 +128,26 @@ def test_tree_config_errors():
     with pytest.raises(ValueError, match="expansion"):
         TreeConfig(expansion=(1, 0))
     assert TreeConfig(expansion=(1, 1, 3, 1)).max_nodes == 1 + 1 + 3 + 3
+
+
+def test_best_first_growth_stops_where_the_drafting_cache_ends(models, monkeypatch):
+    """Best-first growth expands nodes that later fall out of its best ``budget``; the SSM's cache
+    (every drafting forward attends over all of it) holds PROCESSED_PER_BUDGET x budget of them. At the
+    limit it expands the best that fit: the tree stays valid and the output exact."""
+    from offload_infer.speculate import PROCESSED_PER_BUDGET, Drafter
+
+    assert TreeConfig(budget=8, max_depth=16).max_processed() == PROCESSED_PER_BUDGET * 8
+    llm, ssm = models["llama"], models["random"]
+    ref = run(llm, [])
+    tree = TreeConfig(budget=8, max_depth=8, branch=4)
+    d = Drafter(ssm, 64, ssm.vocab_size, tree)
+    d.reset(PROMPT)
+    d.draft(8)
+    assert len(d._slot) == 8  # this SSM expands 8 nodes for a budget of 8
+    monkeypatch.setattr(TreeConfig, "max_processed", lambda self: 5)  # so a limit of 5 bites
+    d = Drafter(ssm, 64, ssm.vocab_size, tree)
+    d.reset(PROMPT)
+    grown = d.draft(8)
+    assert len(d._slot) == 5 and 1 <= len(grown) - 1 <= 8
+    assert all(grown.parents[i] < i for i in range(1, len(grown)))
+    assert run(llm, [ssm], tree) == ref
