@@ -133,6 +133,21 @@ def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: 
     return out
 
 
+def peers_ab(shape: str, reserve: str, row) -> None:
+    """Rows (a) and (b): transformers + accelerate offloading, alone and with assisted generation."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf, _ = accelerate_model(shape, reserve)
+    row(system="a", desc="transformers+accelerate", precision="fp16", tokens_per_s=hf_generate_tps(hf))
+    d = dict(SSM_SHAPE)
+    assistant = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d),
+                                                 dtype=torch.float16).cuda().eval()
+    row(system="b", desc="transformers assisted generation + accelerate", precision="fp16",
+        tokens_per_s=hf_generate_tps(hf, assistant))
+    del hf, assistant
+    _free()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-7b")
@@ -140,6 +155,7 @@ def main() -> None:
     ap.add_argument("--flexgen", default="opt-6.7b")
     ap.add_argument("--budgets", default="16,64")
     ap.add_argument("--precisions", default="fp16,int8,int4", help="for offload-infer's rows (c) and (d)")
+    ap.add_argument("--skip-peers", action="store_true", help="only offload-infer's rows (c) and (d)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_infer.offload import parse_size
@@ -161,17 +177,8 @@ def main() -> None:
         res[key] = draft_round_ms(ssm, static=static)
         print(f"drafting round ms by budget ({key[15:]}):", res[key], flush=True)
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hf, _ = accelerate_model(args.shape, args.reserve)
-    row(system="a", desc="transformers+accelerate", precision="fp16", tokens_per_s=hf_generate_tps(hf))
-    d = dict(SSM_SHAPE)
-    assistant = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d),
-                                                 dtype=torch.float16).cuda().eval()
-    row(system="b", desc="transformers assisted generation + accelerate", precision="fp16",
-        tokens_per_s=hf_generate_tps(hf, assistant))
-    del hf, assistant
-    _free()
+    if not args.skip_peers:
+        peers_ab(args.shape, args.reserve, row)
 
     for precision in args.precisions.split(","):
         llm, plan, _ = build(args.shape, precision, reserve)
@@ -182,24 +189,28 @@ def main() -> None:
                 **engine_tps(llm, [ssm], TreeConfig(budget=b, max_depth=12)))
         row(system="d", desc=f"offload-infer token tree, budget {b}, eager SSM", precision=precision,
             **engine_tps(llm, [ssm], TreeConfig(budget=b, max_depth=12), ssm_static=False))
+        row(system="d", desc=f"offload-infer token tree, budget auto (up to {b})", precision=precision,
+            **engine_tps(llm, [ssm], TreeConfig(budget=b, auto=True, max_depth=12)))
         del llm
         _free()
 
-    with tempfile.TemporaryDirectory() as wd:
-        _flexgen_tokenizer(wd)
-        for shape in filter(None, args.flexgen.split(",")):
-            for precision in ("fp16", "int4"):
-                f = flexgen_decode(shape, precision == "int4", wd)
-                row(system="e", desc="FlexGen", shape=shape, precision=precision, tokens_per_s=f.get("tokens_per_s"))
-                o = ours_decode(shape, precision, None)
-                row(system="c", desc="offload-infer incremental", shape=shape, precision=precision,
-                    tokens_per_s=o["tokens_per_s"])
-    a = next(r["tokens_per_s"] for r in res["rows"] if r["system"] == "a")
-    print("\nratios to (a) transformers+accelerate:")
-    for r in res["rows"]:
-        if r.get("tokens_per_s") and "shape" not in r:
-            print(f"  ({r['system']}) {r['desc']:<45} {r['precision']:<5} {r['tokens_per_s']:8.2f} tok/s  "
-                  f"{r['tokens_per_s'] / a:6.2f}x")
+    if not args.skip_peers:
+        with tempfile.TemporaryDirectory() as wd:
+            _flexgen_tokenizer(wd)
+            for shape in filter(None, args.flexgen.split(",")):
+                for precision in ("fp16", "int4"):
+                    f = flexgen_decode(shape, precision == "int4", wd)
+                    row(system="e", desc="FlexGen", shape=shape, precision=precision,
+                        tokens_per_s=f.get("tokens_per_s"))
+                    o = ours_decode(shape, precision, None)
+                    row(system="c", desc="offload-infer incremental", shape=shape, precision=precision,
+                        tokens_per_s=o["tokens_per_s"])
+        a = next(r["tokens_per_s"] for r in res["rows"] if r["system"] == "a")
+        print("\nratios to (a) transformers+accelerate:")
+        for r in res["rows"]:
+            if r.get("tokens_per_s") and "shape" not in r:
+                print(f"  ({r['system']}) {r['desc']:<45} {r['precision']:<5} {r['tokens_per_s']:8.2f} tok/s  "
+                      f"{r['tokens_per_s'] / a:6.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

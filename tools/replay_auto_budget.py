@@ -49,6 +49,9 @@ class Records:
 
     def _walk(self, history: list, b: int):
         r, q = 0, 0
+        if history and not isinstance(history[0], dict):
+            raise SystemExit("this run's history predates per-pass depths and drafting times; rerun "
+                             "tools/bench_auto_budget.py to record them")
         for h in history:
             rec = {**h, "tokens": {int(k): v for k, v in h["tokens"].items()},
                    "depths": {int(k): v for k, v in h["depths"].items()}}
