@@ -46,6 +46,10 @@ class Records:
                     self.covered[(r, q)] = rec
         self.budgets = sorted(self.passes)
         self.requests = len(next(iter(self.passes.values())))
+        missing = [c for c in AutoBudget(max(self.budgets)).candidates if c not in self.passes]
+        if missing:
+            raise SystemExit(f"auto may choose budgets {missing}, which this run did not record; rerun "
+                             f"tools/bench_auto_budget.py with them in --budgets")
 
     def _walk(self, history: list, b: int):
         r, q = 0, 0
