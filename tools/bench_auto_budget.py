@@ -137,21 +137,22 @@ def main() -> None:
     ap.add_argument("--budgets", default="1,2,4,8,16,32,64,128,256")
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                     help="compute dtype; float32 keeps the configurations on the same text (fp16 rounding lets it drift)")
+    ap.add_argument("--seed", type=int, default=1, help="draws the prompts")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_infer.offload import parse_size
     from offload_infer.speculate import TreeConfig
 
     budgets = [int(b) for b in args.budgets.split(",")]
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(args.seed)
     prompts = [torch.randint(3, 32000, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     res = {"device": torch.cuda.get_device_name(), "shape": args.shape, "precision": args.precision,
            "dtype": args.dtype,
            "ssm_layers": args.ssm_layers, "head_scale": args.head_scale, "new": args.new,
-           "prompts": args.prompts, "runs": []}
+           "prompts": args.prompts, "seed": args.seed, "runs": []}
     print(f"device: {res['device']}; {args.shape} {args.precision}, reserve {args.reserve}; SSM = the LLM's first "
           f"{args.ssm_layers} layers", flush=True)
     for eps in (float(e) for e in args.eps.split(",")):
