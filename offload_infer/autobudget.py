@@ -36,6 +36,7 @@ from offload_infer.tree import TokenTree
 _PRIOR_PASSES = 4  # weight, in passes, of the optimistic prior on each doubling's gain
 _GAIN_DECAY = 0.05  # per pass: gains average over ~20 passes
 _KEEP, _QUANTILE = 8, 0.25  # a cost is the lower quartile of its last 8 measurements
+_INFLATED = 1.25  # a cost this far above a larger budget's had a one-time cost in it
 
 
 def rank_nodes(tree: TokenTree) -> list[int]:
@@ -124,14 +125,16 @@ class _PerBudget:
         self.value[b] = sorted(recent)[int(_QUANTILE * (len(recent) - 1))]
 
     def at(self, b: int) -> float:
+        assert self.value, "nothing measured yet"
         pts, low = [], math.inf
         for c in sorted(self.value, reverse=True):  # a smaller tree never costs more: a figure above a
-            if self.value[c] <= 1.25 * low:  # larger budget's is noise (capped) or, far above it,
+            if self.value[c] <= _INFLATED * low:  # larger budget's is noise (capped) or, far above it,
                 low = min(low, self.value[c])  # inflated by a one-time cost (left out until re-measured)
                 pts.append((c, low))
         pts.reverse()
-        if b in dict(pts):
-            return dict(pts)[b]
+        known = dict(pts)
+        if b in known:
+            return known[b]
         if len(pts) == 1:  # flat above; below flat or proportional
             (x0, y0), = pts
             return y0 * b / x0 if b < x0 and self.proportional_below else y0
