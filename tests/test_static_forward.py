@@ -75,6 +75,45 @@ def test_too_many_tokens_or_no_room_for_padding_falls_back(tiny_dirs):
         static.forward(torch.tensor([1]), torch.tensor([10**6]), torch.ones(1, 7, dtype=torch.bool))
 
 
+@pytest.fixture(scope="module")
+def long_ssm_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("random-ssm-long")
+    build_hf(llama_cfg(num_hidden_layers=1, max_position_embeddings=1024), seed=7).save_pretrained(d)
+    return d
+
+
+def _long_step(model, forward, cache, prompt_len: int):
+    """A long prompt (plain forward), then a 3-node tree and one more token after it."""
+    prompt = torch.arange(prompt_len) % 300 + 3
+    out = [model.forward(prompt, torch.arange(prompt_len), cache)]
+    cache.commit_all()
+    p = prompt_len
+    mask = torch.zeros(3, p + 3, dtype=torch.bool)
+    mask[:, :p] = True
+    mask[0, p] = mask[1, p] = mask[1, p + 1] = mask[2, p + 2] = True
+    out.append(forward(torch.tensor([11, 12, 13]), torch.tensor([p, p + 1, p]), mask))
+    cache.commit([0, 1])
+    end = cache.end
+    out.append(forward(torch.tensor([14]), torch.tensor([end]), torch.ones(1, end + 1, dtype=torch.bool)))
+    cache.commit_all()
+    return out
+
+
+@pytest.mark.parametrize("prompt_len, span", [(5, 256), (300, 512), (600, 700)])
+def test_attention_spans_only_the_context_in_use(long_ssm_dir, prompt_len, span):
+    """A padded forward attends over the shortest span (256, 512, ..., the cache's length) that holds
+    its slots, not over the whole cache; the result is the same."""
+    model = _load(long_ssm_dir)
+    plain_cache, static_cache = model.new_cache(700), model.new_cache(700)
+    static = StaticForward(model, static_cache, graphs=False)
+    assert static.spans == (256, 512, 700)
+    plain = _long_step(model, lambda t, p, m: model.forward(t, p, plain_cache, m), plain_cache, prompt_len)
+    padded = _long_step(model, static.forward, static_cache, prompt_len)
+    assert {b.span for b in static._buckets.values()} == {span}
+    for a, b in zip(plain, padded):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tree", [TreeConfig(budget=16), TreeConfig(expansion=(2, 2, 1, 1)), TreeConfig(budget=200)])
 def test_static_drafting_grows_the_same_trees(tiny_dirs, random_ssm_dir, tree):
     llm, ssm = _load(tiny_dirs["llama"][0]), _load(random_ssm_dir)
@@ -98,7 +137,7 @@ def test_cuda_graph_drafting(tiny_dirs, random_ssm_dir):
     graphed = StaticForward(ssm, cache)
     assert graphed.graphs
     graphed.capture_all()
-    assert graphed.captures == len([s for s in graphed.sizes if s <= 64])  # buckets that fit the cache
+    assert graphed.spans == (64,) and graphed.captures == len([s for s in graphed.sizes if s <= 64])
     plain = _tree_step(ssm, lambda t, p, m: ssm.forward(t, p, ref_cache, m), ref_cache)
     out = _tree_step(ssm, graphed.forward, cache)
     for a, b in zip(plain, out):
@@ -108,9 +147,23 @@ def test_cuda_graph_drafting(tiny_dirs, random_ssm_dir):
     engine = Engine(llm, [ssm, llm], TreeConfig(budget=16), max_sequence_length=128)
     for d in engine.drafters:
         d.capture_graphs()
-        assert d.graphs_captured == len([s for s in d.static.sizes if s <= d.cache.max_len])
+        assert d.static.spans == (256, d.cache.max_len)  # (bucket, span) pairs that fit the cache:
+        assert d.graphs_captured == sum(1 for s in d.static.sizes for L in d.static.spans if s <= L)
     assert [t for s in engine.generate(PROMPT, 40) for t in s] == ref
     assert all(d.static is not None and d.static.graphs and d.static.replays > 0 for d in engine.drafters)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("prompt_len", [5, 300, 600])
+def test_cuda_graphs_per_attention_span(long_ssm_dir, prompt_len):
+    model = _load(long_ssm_dir, "cuda")
+    plain_cache, graphed_cache = model.new_cache(700), model.new_cache(700)
+    graphed = StaticForward(model, graphed_cache)
+    plain = _long_step(model, lambda t, p, m: model.forward(t, p, plain_cache, m), plain_cache, prompt_len)
+    out = _long_step(model, graphed.forward, graphed_cache, prompt_len)
+    assert graphed.replays == 2 and graphed.captures == 2  # buckets 4 and 1, at this context's span
+    for a, b in zip(plain, out):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.cuda

@@ -110,14 +110,14 @@ def ssm_forward_ms(ssm, sizes=(1, 2, 4, 8, 16, 32, 64, 128, 256), runs: int = 7)
     return out
 
 
-def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: int = 7) -> dict:
+def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: int = 7, max_len: int = 512) -> dict:
     """Wall time of one drafting round (an SSM forward plus the tree bookkeeping around it) when growing
     a best-first tree of each budget: median draft time / SSM calls, after two warm-up drafts."""
     from offload_infer.speculate import Drafter, TreeConfig
 
     out = {}
     for b in budgets:
-        d = Drafter(ssm, 512, ssm.vocab_size, TreeConfig(budget=b, max_depth=12), static=static)
+        d = Drafter(ssm, max_len, ssm.vocab_size, TreeConfig(budget=b, max_depth=12), static=static)
         d.capture_graphs()
         d.reset(torch.randint(3, 1000, (PROMPT,)).tolist())
         per_round = []
