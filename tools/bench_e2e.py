@@ -119,6 +119,7 @@ def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: 
     for b in budgets:
         d = Drafter(ssm, max_len, ssm.vocab_size, TreeConfig(budget=b, max_depth=12), static=static)
         d.capture_graphs()
+        captured = d.graphs_captured
         d.reset(torch.randint(3, 1000, (PROMPT,)).tolist())
         per_round = []
         for r in range(runs + 2):
@@ -129,6 +130,7 @@ def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: 
             if r >= 2:
                 per_round.append((time.perf_counter() - t0) / d.calls)
             d.commit([], tree.tokens[-1])  # drop the tree, queue one token: the next draft starts like a pass's
+        assert d.graphs_captured == captured, "a graph was captured while timing"
         out[b] = 1e3 * statistics.median(per_round)
     return out
 
