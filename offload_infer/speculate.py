@@ -57,7 +57,7 @@ class TreeConfig:
     def max_processed(self) -> int:
         """Most nodes one SSM may process in one tree (sizes its cache beyond the sequence). Best-first
         growth expands about twice its budget (nodes expanded and then outranked); it stops at four times
-        (rarely reached), so that the cache, over which every drafting forward attends, stays small."""
+        (rarely reached), which bounds the SSM's cache (budget x max_depth would be 4K slots at 256)."""
         if self.expansion:
             return self.max_nodes
         return min(self.budget * self.max_depth, PROCESSED_PER_BUDGET * self.budget)
