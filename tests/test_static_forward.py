@@ -26,11 +26,12 @@ def random_ssm_dir(tmp_path_factory):
     return d
 
 
-def _tree_step(model, forward, cache):
-    """Prefill, a 3-node tree (a root child with one child, and a sibling), keep two, then one more token."""
-    out = [model.forward(torch.tensor(PROMPT), torch.arange(len(PROMPT)), cache)]
+def _tree_step(model, forward, cache, prompt: list[int] = PROMPT):
+    """Prefill (plain forward), a 3-node tree (a root child with one child, and a sibling), keep two,
+    then one more token."""
+    out = [model.forward(torch.tensor(prompt), torch.arange(len(prompt)), cache)]
     cache.commit_all()
-    p = len(PROMPT)
+    p = len(prompt)
     mask = torch.zeros(3, p + 3, dtype=torch.bool)
     mask[:, :p] = True
     mask[0, p] = mask[1, p] = mask[1, p + 1] = mask[2, p + 2] = True  # 0 <- 1, 2 a sibling of 0
@@ -82,21 +83,8 @@ def long_ssm_dir(tmp_path_factory):
     return d
 
 
-def _long_step(model, forward, cache, prompt_len: int):
-    """A long prompt (plain forward), then a 3-node tree and one more token after it."""
-    prompt = torch.arange(prompt_len) % 300 + 3
-    out = [model.forward(prompt, torch.arange(prompt_len), cache)]
-    cache.commit_all()
-    p = prompt_len
-    mask = torch.zeros(3, p + 3, dtype=torch.bool)
-    mask[:, :p] = True
-    mask[0, p] = mask[1, p] = mask[1, p + 1] = mask[2, p + 2] = True
-    out.append(forward(torch.tensor([11, 12, 13]), torch.tensor([p, p + 1, p]), mask))
-    cache.commit([0, 1])
-    end = cache.end
-    out.append(forward(torch.tensor([14]), torch.tensor([end]), torch.ones(1, end + 1, dtype=torch.bool)))
-    cache.commit_all()
-    return out
+def _long_prompt(n: int) -> list[int]:
+    return [i % 300 + 3 for i in range(n)]
 
 
 @pytest.mark.parametrize("prompt_len, span", [(5, 256), (300, 512), (600, 700)])
@@ -107,8 +95,9 @@ def test_attention_spans_only_the_context_in_use(long_ssm_dir, prompt_len, span)
     plain_cache, static_cache = model.new_cache(700), model.new_cache(700)
     static = StaticForward(model, static_cache, graphs=False)
     assert static.spans == (256, 512, 700)
-    plain = _long_step(model, lambda t, p, m: model.forward(t, p, plain_cache, m), plain_cache, prompt_len)
-    padded = _long_step(model, static.forward, static_cache, prompt_len)
+    prompt = _long_prompt(prompt_len)
+    plain = _tree_step(model, lambda t, p, m: model.forward(t, p, plain_cache, m), plain_cache, prompt)
+    padded = _tree_step(model, static.forward, static_cache, prompt)
     assert {b.span for b in static._buckets.values()} == {span}
     for a, b in zip(plain, padded):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
@@ -159,8 +148,9 @@ def test_cuda_graphs_per_attention_span(long_ssm_dir, prompt_len):
     model = _load(long_ssm_dir, "cuda")
     plain_cache, graphed_cache = model.new_cache(700), model.new_cache(700)
     graphed = StaticForward(model, graphed_cache)
-    plain = _long_step(model, lambda t, p, m: model.forward(t, p, plain_cache, m), plain_cache, prompt_len)
-    out = _long_step(model, graphed.forward, graphed_cache, prompt_len)
+    prompt = _long_prompt(prompt_len)
+    plain = _tree_step(model, lambda t, p, m: model.forward(t, p, plain_cache, m), plain_cache, prompt)
+    out = _tree_step(model, graphed.forward, graphed_cache, prompt)
     assert graphed.replays == 2 and graphed.captures == 2  # buckets 4 and 1, at this context's span
     for a, b in zip(plain, out):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
