@@ -94,9 +94,8 @@ class StaticForward:
     def max_tokens(self) -> int:
         return self.sizes[-1]
 
-    def _bucket(self, n: int, end: int) -> _Bucket:
-        """The bucket for ``n`` tokens whose padded slots end at ``end`` (``end`` <= the cache's length)."""
-        size = next(s for s in self.sizes if s >= n)
+    def _bucket(self, size: int, end: int) -> _Bucket:
+        """The bucket of padded ``size`` whose slots end at ``end`` (``end`` <= the cache's length)."""
         span = next(L for L in self.spans if L >= max(end, size))
         b = self._buckets.get((size, span))
         if b is None:
@@ -145,7 +144,7 @@ class StaticForward:
         size = next((s for s in self.sizes if s >= n), None) if n > 0 else None
         if size is None or start + size > cache.max_len:
             return self.model.forward(tokens, positions, cache, mask)
-        b = self._bucket(n, start + size)
+        b = self._bucket(size, start + size)
         if int(positions.max()) >= self.model.config.max_position_embeddings:
             raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
                              f"{self.model.config.max_position_embeddings} tokens")
