@@ -1,9 +1,9 @@
 """Replay ``--tree-budget auto`` offline on the passes a GPU run of tools/bench_auto_budget.py recorded.
 
-    python tools/replay_auto_budget.py benchmarks/h100_auto_budget_v4_int4_fp32_eps03.json
+    python tools/replay_auto_budget.py benchmarks/h100_auto_budget_v5_int4_fp32_eps03.json --seeds 30
 
-bench_auto_budget records, for every fixed budget b, each pass's step time and the tokens every budget
-up to b would have produced at that point of the text (see offload_infer/autobudget.py). A pass is
+bench_auto_budget records, for every fixed budget b, each pass's step and drafting times and the tokens
+and tree depth every budget up to b would have had at that point of the text (see offload_infer/autobudget.py). A pass is
 keyed by (request, position in the generated text): the tree, and so the tokens, depend only on the
 text so far (exactly so in float32, where every configuration decodes the same text). The replay runs
 the auto budget's choices against those records: budget b at a position costs the seconds the
@@ -85,13 +85,13 @@ class Records:
         raise AssertionError(f"no record covers budget {b}")
 
 
-def replay(rec: Records, policy, seed: int | None = None, cycles: int = 1) -> tuple[float, Counter]:
+def replay(rec: Records, policy, seed: int | None = None) -> tuple[float, Counter]:
     """policy: None for auto, else a fixed budget. Returns tokens/s and the budgets used. With a seed,
     step times are drawn from nearby passes (a different draw of the noise)."""
     rng = random.Random(seed) if seed is not None else None
     auto = AutoBudget(max(rec.budgets)) if policy is None else None
     tokens, seconds, used = 0, 0.0, Counter()
-    for r in list(range(rec.requests)) * cycles:  # cycles > 1: the requests again, auto keeps what it learned
+    for r in range(rec.requests):
         q = 0
         while q < rec.per_request:
             b = auto.choose() if auto else policy
