@@ -165,6 +165,8 @@ class AutoBudget:
         self._llm = _PerBudget(proportional_below=True)  # seconds per LLM pass
         self._per_level = _PerBudget(proportional_below=False, extend=False)  # drafting s per SSM forward
         self.history: deque[dict] = deque(maxlen=10000)  # what each pass told (for benchmarks)
+        self._plain = _PerBudget(proportional_below=False, extend=False)  # seconds per step without drafting
+        self._plain_streak = 0  # passes in a row without drafting
 
     def observe(self, budget: int, tree: TokenTree, path: list[int], seconds: float,
                 draft_seconds: float | None = None, timed: bool = True) -> None:
@@ -176,6 +178,17 @@ class AutoBudget:
             self.learn({"budget": budget, "tokens": tokens_by_budget(tree, path, covered),
                         "depths": depth_by_budget(tree, covered), "nodes": len(tree) - 1,
                         "seconds": seconds, "draft_seconds": draft_seconds, "timed": timed})
+
+    def observe_plain(self, seconds: float) -> None:
+        """Learn the time of a step that drafted nothing (budget 0: plain incremental decoding)."""
+        self._plain.record(0, seconds)
+
+    def plain_rate(self) -> float:
+        """Estimated tokens per second without drafting: one token per LLM pass. Until measured, the
+        cheapest LLM pass seen (an offloaded pass costs about the same with or without a tree)."""
+        if self._plain.value:
+            return 1.0 / self._plain.at(0)
+        return 1.0 / min(self._llm.value.values())
 
     def learn(self, p: dict) -> None:
         """Learn from one pass's record (the dict ``observe`` builds; its keys ascend)."""
@@ -203,11 +216,20 @@ class AutoBudget:
         return self.tokens(b) / self._seconds(b)
 
     def choose(self) -> int:
-        """The budget for the next pass."""
+        """The budget for the next pass; 0 (no drafting) when drafting does not pay for itself. Without
+        drafting nothing is learnt about trees, so every ``probe_every``-th such pass drafts the
+        smallest tree again."""
         if not self._llm.value:
             return self.current
         best = max(self.candidates, key=self.rate)
         self._chosen += 1
+        if self.plain_rate() > self.rate(best):
+            self._plain_streak += 1
+            if self.probe_every and self._plain_streak % self.probe_every == 0:
+                return self.candidates[0]
+            self.current = 0
+            return 0
+        self._plain_streak = 0
         self.current = best
         if self.probe_every and self._chosen % self.probe_every == 0:
             at = self.candidates.index(best)

@@ -1,74 +1,59 @@
-"""The decoding loop: SSMs grow a token tree, the LLM verifies it in one pass, caches are compacted.
+"""The step engine: many requests, one LLM pass per step, token trees kept.
 
-Without SSMs the tree is the root alone, which is plain incremental decoding (one token per pass).
-Invariant between passes: the LLM cache holds every committed token but the last (the root of the
-next tree); each SSM holds a prefix of them and queues the rest in its backlog.
+Each ``step()`` admits waiting requests, lets every SSM draft one tree per decoding request (one SSM
+forward per tree level for all of them), flattens every running request's tree and every prefill
+chunk into a single LLM forward (so each streamed layer crosses PCIe once per step), verifies each
+tree, commits each request's caches and reports what each request gained. Generating for one request
+is a batch of one: ``generate`` is a loop over ``step()``.
+
+Invariant between steps, per decoding request: the LLM's pool holds every committed token but the
+last (the root of the next tree); each SSM holds a prefix of them and queues the rest in its backlog.
+Without SSMs the tree is the root alone: plain incremental decoding.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from offload_infer.autobudget import AutoBudget
+from offload_infer.kv_pool import Part
 from offload_infer.models import CausalLM
-from offload_infer.sampling import SamplingConfig, select
+from offload_infer.sampling import SamplingConfig, SamplingParams, select
+from offload_infer.scheduler import Scheduler
+from offload_infer.sequence import Sequence, Status
 from offload_infer.speculate import Drafter, TreeConfig
+from offload_infer.stats import GenerationStats
 from offload_infer.tree import TokenTree
 from offload_infer.verify import verify
+
+BLOCK_SIZE = 16  # KV slots per pool block
 
 
 class PromptTooLongError(ValueError):
     pass
 
 
+class RequestTooLargeError(ValueError):
+    """A request needs more KV slots than the whole pool holds: it could never run."""
+
+
 @dataclass
-class GenerationStats:
-    llm_passes: int = 0  # prefill included
-    tokens_per_pass: list[int] = field(default_factory=list)  # tokens produced by each decoding pass
-    tree_sizes: list[int] = field(default_factory=list)  # speculated nodes per pass (root excluded)
-    budgets: list[int] = field(default_factory=list)  # tree budget used per pass (auto budget: its choices)
-    ssm_calls: list[int] = field(default_factory=list)  # SSM forwards per pass (drafting rounds, all SSMs)
-    offered_at_depth: dict[int, int] = field(default_factory=dict)  # passes that could accept a depth-d token
-    accepted_at_depth: dict[int, int] = field(default_factory=dict)
-    ssm_time_s: float = 0.0
-    llm_time_s: float = 0.0
+class StepOutput:
+    """What one request gained in a step."""
 
-    def record(self, tree: TokenTree, path: list[int], produced: int) -> None:
-        self.tokens_per_pass.append(produced)
-        self.tree_sizes.append(len(tree) - 1)
-        for d in range(1, len(path)):
-            self.offered_at_depth[d] = self.offered_at_depth.get(d, 0) + 1
-            self.accepted_at_depth[d] = self.accepted_at_depth.get(d, 0) + 1
-        if tree.children(path[-1]):
-            d = len(path)
-            self.offered_at_depth[d] = self.offered_at_depth.get(d, 0) + 1
-
-    def as_dict(self) -> dict:
-        tpp = self.tokens_per_pass
-        hist: dict[int, int] = {}
-        for t in tpp:
-            hist[t] = hist.get(t, 0) + 1
-        return {
-            "llm_passes": self.llm_passes,
-            "tokens_per_pass_mean": sum(tpp) / len(tpp) if tpp else 0.0,
-            "tokens_per_pass_histogram": {str(k): hist[k] for k in sorted(hist)},
-            "acceptance_per_depth": {
-                str(d): self.accepted_at_depth.get(d, 0) / n for d, n in sorted(self.offered_at_depth.items())
-            },
-            "tree_size_mean": sum(self.tree_sizes) / len(self.tree_sizes) if self.tree_sizes else 0.0,
-            "tree_budgets": self.budgets,
-            "ssm_calls_mean": sum(self.ssm_calls) / len(self.ssm_calls) if self.ssm_calls else 0.0,
-            "ssm_time_s": self.ssm_time_s,
-            "llm_time_s": self.llm_time_s,
-        }
+    id: int
+    new_tokens: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
 
 
 class Engine:
-    """Generates for one request at a time with an LLM and optional SSMs sharing its tokenizer."""
+    """Serves many requests through one LLM (offloaded or resident) and optional SSMs sharing its tokenizer."""
 
     def __init__(
         self,
@@ -79,23 +64,50 @@ class Engine:
         eos_ids: set[int] | None = None,
         valid_vocab: int | None = None,
         ssm_static: bool | None = None,
+        *,
+        max_batch_size: int = 8,
+        max_batch_tokens: int = 2048,
+        kv_cache_size: int | None = None,
+        detokenize: Callable[[list[int]], str] | None = None,
     ) -> None:
-        """``ssm_static``: draft with padded fixed-shape SSM forwards (CUDA graphs on a GPU); default:
-        whenever an SSM is resident on a CUDA device; False runs the SSMs eagerly."""
+        """``kv_cache_size``: bytes of the LLM's KV pool (default: room for ``max_batch_size`` requests
+        of ``max_sequence_length``); the SSMs' pools hold as many requests. ``detokenize`` turns token
+        ids into text, needed for stop strings. ``ssm_static``: draft with padded fixed-shape SSM forwards
+        (CUDA graphs on a GPU); default: whenever an SSM is resident on a CUDA device."""
         self.llm = llm
         self.tree_cfg = tree or TreeConfig()
         limit = llm.config.max_position_embeddings
         if max_sequence_length > limit:
             raise ValueError(f"--max-sequence-length {max_sequence_length} exceeds the model's context of {limit}")
+        if max_sequence_length < 2:
+            raise ValueError(f"max_sequence_length must be >= 2, got {max_sequence_length}")
         self.max_sequence_length = max_sequence_length
-        self.eos_ids = set(eos_ids or ())
+        self.eos_ids = frozenset(eos_ids or ())
+        self.detokenize = detokenize
         vocab = valid_vocab or llm.vocab_size
         ssms = ssms or []
-        self.drafters = [Drafter(m, max_sequence_length, vocab, self.tree_cfg, ssm_static) for m in ssms]
-        spec_nodes = self.tree_cfg.max_nodes * len(ssms)
+        self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
+        self.spec_nodes = self.tree_cfg.max_nodes * len(ssms)  # most speculated nodes of one merged tree
+        full = max_sequence_length + self.spec_nodes + 1  # LLM slots of a request as long as allowed
+        if kv_cache_size is None:
+            n_blocks = max_batch_size * -(-full // BLOCK_SIZE)
+        else:
+            n_blocks = kv_cache_size // (llm.slot_bytes() * BLOCK_SIZE)
+            if n_blocks < 1:
+                raise ValueError(f"a KV cache of {kv_cache_size} bytes holds less than one block of {BLOCK_SIZE} "
+                                 f"tokens ({llm.slot_bytes() * BLOCK_SIZE} bytes)")
+        self.pool = llm.new_pool(n_blocks, BLOCK_SIZE)
+        self.drafters = []
+        for m in ssms:  # as many requests of the largest size as the LLM pool holds
+            ssm_blocks = -(-n_blocks * BLOCK_SIZE * (full + self.tree_cfg.max_processed() + 1) // full // BLOCK_SIZE)
+            self.drafters.append(Drafter(m, vocab, self.tree_cfg, ssm_blocks + 1, BLOCK_SIZE, ssm_static))
         self.auto = AutoBudget(self.tree_cfg.budget) if self.tree_cfg.auto and ssms else None
-        self.cache = llm.new_cache(max_sequence_length + spec_nodes + 1)
+        self._ids = itertools.count()
+        self._seqs: dict[int, Sequence] = {}
+        self.steps = 0  # LLM passes so far
+        self.batch_sizes: list[int] = []  # requests in each step's pass
 
+    # ---- requests ----------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
             raise ValueError("empty prompt")
@@ -104,7 +116,230 @@ class Engine:
                 f"prompt of {len(prompt_ids)} tokens leaves no room to generate within the maximum sequence "
                 f"length of {self.max_sequence_length} tokens"
             )
+        vocab = self.llm.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab}")
 
+    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> int:
+        """Queue a request; it joins the batch at a coming step. Returns its id."""
+        self.check_prompt(prompt_ids)
+        if params.stop and self.detokenize is None:
+            raise ValueError("stop strings need an engine built with a tokenizer (detokenize=...)")
+        limit = min(params.max_new_tokens, self.max_sequence_length - len(prompt_ids))
+        slots = len(prompt_ids) + limit + self.spec_nodes + 1
+        for pool, need in self._needs(slots):
+            if not pool.blocks.fits_ever(need):
+                raise RequestTooLargeError(
+                    f"a request of {len(prompt_ids)} prompt tokens and up to {limit} new ones needs {need} KV "
+                    f"slots, but the pool holds {pool.blocks.n_blocks * pool.blocks.block_size}: raise "
+                    "--kv-cache-size or lower --max-new-tokens")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        seq = Sequence(next(self._ids), list(prompt_ids), params, limit, slots, stop_ids)
+        self._seqs[seq.id] = seq
+        self.scheduler.add(seq)
+        return seq.id
+
+    def _needs(self, llm_slots: int) -> list:
+        return [(self.pool, llm_slots)] + [(d.pool, d.slots_for(llm_slots)) for d in self.drafters]
+
+    def abort(self, seq_id: int) -> bool:
+        """Stop a request now and free its KV; False if it is unknown or already finished."""
+        seq = self._seqs.get(seq_id)
+        if seq is None or seq.status == Status.FINISHED or self.scheduler.remove(seq_id) is None:
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    def sequence(self, seq_id: int) -> Sequence:
+        return self._seqs[seq_id]
+
+    def forget(self, seq_id: int) -> None:
+        """Drop a finished request's record."""
+        seq = self._seqs.get(seq_id)
+        if seq is not None and seq.status == Status.FINISHED:
+            del self._seqs[seq_id]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.unfinished > 0
+
+    def _can_allocate(self, seq: Sequence) -> bool:
+        return all(pool.blocks.can_allocate(need) for pool, need in self._needs(seq.llm_slots))
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.kv = self.pool.allocate(seq.llm_slots)
+        seq.drafts = [d.admit(seq.llm_slots, seq.prompt) for d in self.drafters]
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq.kv is not None:
+            self.pool.free(seq.kv)
+            seq.kv = None
+        for d, st in zip(self.drafters, seq.drafts):
+            d.release(st)
+        seq.drafts = []
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """One LLM pass for every running request; returns each request's new tokens and whether it ended."""
+        for seq in self.scheduler.admit(self._can_allocate):
+            self._admit(seq)
+        if not self.scheduler.running:
+            if self.scheduler.waiting:
+                raise AssertionError("nothing runs although requests wait: the pool cannot hold the first")
+            return []
+        budget = (self.auto.choose() if self.auto else self.tree_cfg.budget) if self.drafters else 0
+        want = 1 + (self.spec_nodes if self.tree_cfg.expansion else len(self.drafters) * budget)
+        plan = self.scheduler.schedule(want)
+        room = (plan.tree_tokens - 1) // max(1, len(self.drafters))  # speculated nodes per SSM that fit
+        if self.tree_cfg.expansion:
+            budget = budget if room * len(self.drafters) >= self.spec_nodes else 0
+        else:
+            budget = min(budget, room)
+
+        self.llm.weights.layers.prefetch()  # the first streamed layers load while the SSMs draft
+        t0 = time.perf_counter()
+        trees = [TokenTree.root(s.root) for s in plan.decode]
+        depths = [s.limit - len(s.output) - 1 for s in plan.decode]  # the bonus token takes the last place
+        captured = sum(d.graphs_captured for d in self.drafters)
+        if budget > 0 and plan.decode:
+            for j, d in enumerate(self.drafters):
+                grown = d.draft([s.drafts[j] for s in plan.decode], depths, [budget] * len(plan.decode))
+                for tree, g in zip(trees, grown):
+                    tree.merge(g)
+        t1 = time.perf_counter()
+
+        parts, tokens, positions, rows = [], [], [], []
+        offset = 0
+        for s, tree in zip(plan.decode, trees):
+            past = s.kv.end
+            parts.append(Part(s.kv, len(tree), None if len(tree) == 1 else tree.attention_mask(past)))
+            tokens.append(tree.token_tensor())
+            positions.append(past + tree.depth_tensor())
+            rows.append(torch.arange(offset, offset + len(tree)))
+            offset += len(tree)
+        for s, n in plan.prefill:
+            parts.append(Part(s.kv, n))
+            tokens.append(torch.tensor(s.prompt[s.prefilled: s.prefilled + n]))
+            positions.append(torch.arange(s.prefilled, s.prefilled + n))
+            if s.prefilled + n == len(s.prompt):
+                rows.append(torch.tensor([offset + n - 1]))  # the prompt's last token gives the first output
+            offset += n
+        batch = self.pool.batch(parts)
+        batch.logit_rows = torch.cat(rows).to(self.pool.device) if rows else torch.zeros(0, dtype=torch.long).to(
+            self.pool.device)
+        try:
+            logits = self.llm.forward_batch(torch.cat(tokens), torch.cat(positions), batch)  # [M, V]
+        except BaseException:
+            for p in parts:
+                p.seq.pending -= p.n
+            raise
+        self.steps += 1
+        self.batch_sizes.append(len(parts))
+
+        fresh = sum(d.graphs_captured for d in self.drafters) > captured  # a one-time cost: not timed
+        outputs = self._verify_and_commit(plan.decode, trees, logits, budget, depths, t0, t1, not fresh)
+        row = sum(len(t) for t in trees)
+        self.pool.commit([(s.kv, list(range(n))) for s, n in plan.prefill])
+        for s, n in plan.prefill:
+            s.prefilled += n
+            s.stats.llm_passes += 1
+            if s.prefilled == len(s.prompt):
+                s.root = select(logits[row], s.params.sampling, s.generator)
+                row += 1
+                s.first_token_s = time.perf_counter() - s.arrival
+                for st in s.drafts:
+                    st.backlog.append(s.root)
+                outputs.append(self._emit(s, [s.root]))
+        t2 = time.perf_counter()
+        for s in plan.decode:
+            s.stats.ssm_time_s += t1 - t0
+            s.stats.llm_time_s += t2 - t1
+        for s, _ in plan.prefill:
+            s.stats.llm_time_s += t2 - t1
+        if self.auto and plan.decode and budget == 0 and not plan.prefill:
+            self.auto.observe_plain(t2 - t0)
+        return outputs
+
+    def _verify_and_commit(self, decode: list[Sequence], trees: list[TokenTree], logits: torch.Tensor, budget: int,
+                           depths: list[int], t0: float, t1: float, timed: bool) -> list[StepOutput]:
+        if not decode:
+            return []
+        n = sum(len(t) for t in trees)
+        greedy_choice = logits[:n].argmax(-1).tolist()  # one transfer for every greedy request
+        host = logits[:n].cpu() if any(not s.params.sampling.greedy for s in decode) else None
+        gained, llm_commits = [], []
+        per_ssm: list[list] = [[] for _ in self.drafters]
+        row = 0
+        t2 = time.perf_counter()
+        for s, tree, depth in zip(decode, trees, depths):
+            sampling = s.params.sampling
+            span = slice(row, row + len(tree))
+            if sampling.greedy:
+                path, nxt = verify(tree, None, sampling, choice=greedy_choice[span])
+            else:
+                path, nxt = verify(tree, host[span], sampling, s.generator)
+            row += len(tree)
+            llm_commits.append((s.kv, path))
+            accepted = [tree.tokens[i] for i in path[1:]]
+            for j in range(len(self.drafters)):
+                per_ssm[j].append((s.drafts[j], accepted, nxt))
+            s.stats.llm_passes += 1
+            if self.drafters:
+                s.stats.budgets.append(budget)
+                s.stats.ssm_calls.append(sum(st.calls for st in s.drafts))
+            if self.auto and budget > 0 and depth >= 1:
+                # one timed record per step (the step's time is shared); a request's first drafting
+                # forwards its whole prompt through the SSMs, a one-time cost
+                first = len(s.output) == 1
+                self.auto.observe(budget, tree, path, t2 - t0, t1 - t0, timed=timed and not first)
+                timed = False
+            s.root = nxt
+            gained.append((s, accepted + [nxt], tree, path))
+        self.pool.commit(llm_commits)
+        for d, items in zip(self.drafters, per_ssm):
+            d.commit(items)
+        return [self._emit(s, new, tree, path) for s, new, tree, path in gained]
+
+    def _emit(self, s: Sequence, new: list[int], tree: TokenTree | None = None, path: list[int] | None = None
+              ) -> StepOutput:
+        """Append ``new`` to the request's output, cut at a stop token, a stop string or its limit."""
+        reason = None
+        for i, t in enumerate(new):
+            if t in s.stop_ids:
+                new, reason = new[: i + 1], "stop"
+                break
+        if len(s.output) + len(new) >= s.limit:
+            new = new[: s.limit - len(s.output)]
+            reason = reason or "length"
+        if s.params.stop:
+            cut = self._stop_string(s, new)
+            if cut is not None:
+                new, reason = new[:cut], "stop"
+        if tree is not None:
+            s.stats.record(tree, path, len(new))
+        s.output.extend(new)
+        if reason is not None:
+            self.scheduler.remove(s.id)
+            self._finish(s, reason)
+        return StepOutput(s.id, new, reason is not None, reason)
+
+    def _stop_string(self, s: Sequence, new: list[int]) -> int | None:
+        """How many of ``new`` to keep when they complete a stop string (the text is kept up to it)."""
+        assert self.detokenize is not None
+        tail = max(len(x) for x in s.params.stop)
+        before = len(self.detokenize(s.output))
+        for i in range(1, len(new) + 1):
+            text = self.detokenize(s.output + new[:i])
+            search_from = max(0, before - tail)  # a stop string may start in text emitted earlier
+            hits = [text.find(x, search_from) for x in s.params.stop]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                s.stop_text = text[: min(hits)]
+                return i
+        return None
+
+    # ---- one request -------------------------------------------------------------------------------
     def generate(
         self,
         prompt_ids: list[int],
@@ -113,70 +348,22 @@ class Engine:
         seed: int | None = None,
         stats: GenerationStats | None = None,
     ) -> Iterator[list[int]]:
-        """Yields the tokens each LLM pass produces, stopping at EOS (yielded), ``max_new_tokens`` or
-        the maximum sequence length."""
+        """Yields the tokens each LLM pass produces for one request, stopping at EOS (yielded),
+        ``max_new_tokens`` or the maximum sequence length: a batch of one over ``step()``."""
         self.check_prompt(prompt_ids)
         if max_new_tokens < 1:
             return
-        stats = stats if stats is not None else GenerationStats()
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        llm, cache = self.llm, self.cache
-        cache.reset()
-        limit = min(max_new_tokens, self.max_sequence_length - len(prompt_ids))
-
-        t0 = time.perf_counter()
-        logits = llm.forward(torch.tensor(prompt_ids), torch.arange(len(prompt_ids)), cache)
-        cache.commit_all()
-        root = select(logits[-1], sampling, gen)
-        stats.llm_time_s += time.perf_counter() - t0
-        stats.llm_passes += 1
-        produced = 1
-        yield [root]
-        if root in self.eos_ids or produced >= limit:
-            return
-        for d in self.drafters:
-            d.reset(prompt_ids + [root])
-
-        first = True
-        while True:
-            depth = limit - produced - 1  # the bonus token takes the last place
-            llm.weights.layers.prefetch()  # the LLM's first streamed layers load while the SSMs draft
-            t0 = time.perf_counter()
-            budget = self.auto.choose() if self.auto else self.tree_cfg.budget
-            captured = sum(d.graphs_captured for d in self.drafters)
-            tree = TokenTree.root(root)
-            for d in self.drafters:
-                tree.merge(d.draft(depth, budget))
-            t1 = time.perf_counter()
-            stats.ssm_time_s += t1 - t0
-            past = cache.length
-            mask = None if len(tree) == 1 else tree.attention_mask(past)
-            logits = llm.forward(tree.token_tensor(), past + tree.depth_tensor(), cache, mask)
-            path, nxt = verify(tree, logits, sampling, gen)
-            cache.commit(path)
-            t2 = time.perf_counter()
-            stats.llm_time_s += t2 - t1
-            stats.llm_passes += 1
-            if self.drafters:
-                stats.budgets.append(budget)
-                stats.ssm_calls.append(sum(d.calls for d in self.drafters))
-            if self.auto and depth >= 1:  # one-time costs are not timed: a graph captured, or the SSMs'
-                # prefill of the prompt (the first drafting of a request forwards it)
-                fresh = sum(d.graphs_captured for d in self.drafters) > captured
-                self.auto.observe(budget, tree, path, t2 - t0, t1 - t0, timed=not fresh and not first)
-            first = False
-            accepted = [tree.tokens[i] for i in path[1:]]
-            for d in self.drafters:
-                d.commit(accepted, nxt)
-            new = accepted + [nxt]
-            for i, t in enumerate(new):  # stop inside the accepted path at EOS
-                if t in self.eos_ids:
-                    new = new[: i + 1]
-                    break
-            new = new[: limit - produced]
-            stats.record(tree, path, len(new))
-            produced += len(new)
-            yield new
-            if new[-1] in self.eos_ids or produced >= limit:
-                return
-            root = nxt
+        params = SamplingParams(max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p, seed)
+        sid = self.add_request(prompt_ids, params)
+        seq = self._seqs[sid]
+        if stats is not None:
+            seq.stats = stats
+        try:
+            while seq.status != Status.FINISHED:
+                for out in self.step():
+                    if out.id == sid and out.new_tokens:
+                        yield out.new_tokens
+        finally:
+            if seq.status != Status.FINISHED:
+                self.abort(sid)
+            self.forget(sid)

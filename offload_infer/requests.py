@@ -1,15 +1,15 @@
-"""FlexFlow Serve-style request API: register prompts, then serve them all and collect results."""
+"""FlexFlow Serve-style request API: register prompts, then serve them all, batched, and collect results."""
 
 from __future__ import annotations
 
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from offload_infer.detok import StreamDecoder
-from offload_infer.engine import Engine, GenerationStats
-from offload_infer.sampling import SamplingConfig
+from offload_infer.engine import Engine
+from offload_infer.sampling import SamplingConfig, SamplingParams
 from weights.tokenizer import Tokenizer
 
 
@@ -18,8 +18,20 @@ class Request:
     guid: int
     prompt: str | None
     prompt_token_ids: list[int]
-    max_sequence_length: int
-    max_new_tokens: int
+    params: SamplingParams
+
+
+@dataclass
+class _Live:
+    """A request being served: its engine id, text streamed so far, timing."""
+
+    req: Request
+    seq_id: int
+    stream: StreamDecoder
+    start: float
+    out: list[int] = field(default_factory=list)
+    shown: str = ""  # text already passed to on_text
+    text: str = ""  # text decoded so far (may run ahead of `shown` while it could start a stop string)
 
 
 class RequestManager:
@@ -32,18 +44,24 @@ class RequestManager:
         sampling: SamplingConfig = SamplingConfig(),
         max_new_tokens: int = 128,
         seed: int | None = None,
+        params: SamplingParams | None = None,
     ) -> None:
+        """``params`` are every request's defaults (else built from ``sampling``, ``max_new_tokens``, ``seed``)."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.chat = chat
-        self.sampling = sampling
-        self.max_new_tokens = max_new_tokens
-        self.seed = seed
+        self.params = params or SamplingParams(max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
+                                               seed)
+        if engine.detokenize is None:
+            engine.detokenize = tokenizer.decode
         self._pending: list[Request] = []
         self._guids = itertools.count(1000000)
+        self.batch_sizes: list[int] = []  # requests in each LLM pass of the last serve()
+        self.wall_s = 0.0  # duration of the last serve()
 
     def register_new_request(
-        self, prompt: str | list[int], max_sequence_length: int | None = None, max_new_tokens: int | None = None
+        self, prompt: str | list[int], max_sequence_length: int | None = None, max_new_tokens: int | None = None,
+        params: SamplingParams | None = None,
     ) -> int:
         """Queue a prompt (text, or token ids) and return its guid; the prompt is checked now."""
         ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode_prompt(prompt, self.chat)
@@ -52,8 +70,10 @@ class RequestManager:
             raise ValueError(f"max_sequence_length {max_len} exceeds the engine's {self.engine.max_sequence_length}")
         if len(ids) >= max_len:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit a maximum sequence length of {max_len}")
-        req = Request(next(self._guids), prompt if isinstance(prompt, str) else None, ids, max_len,
-                      max_new_tokens or self.max_new_tokens)
+        self.engine.check_prompt(ids)
+        p = params or self.params
+        p = replace(p, max_new_tokens=min(max_new_tokens or p.max_new_tokens, max_len - len(ids)))
+        req = Request(next(self._guids), prompt if isinstance(prompt, str) else None, ids, p)
         self._pending.append(req)
         return req.guid
 
@@ -62,36 +82,67 @@ class RequestManager:
         return len(self._pending)
 
     def serve(self, on_text: Callable[[int, str], None] | None = None, limit: int | None = None) -> list[dict]:
-        """Generate for the registered requests (all, or the first ``limit``), in order;
-        ``on_text(guid, text)`` streams the output."""
-        results = []
-        while self._pending and (limit is None or len(results) < limit):
-            req = self._pending.pop(0)
-            results.append(self._run(req, on_text))
-        return results
-
-    def _run(self, req: Request, on_text: Callable[[int, str], None] | None) -> dict:
-        stats = GenerationStats()
-        stream = StreamDecoder(self.tokenizer)
-        out: list[int] = []
+        """Generate for the registered requests (all, or the first ``limit``), batched by the engine;
+        ``on_text(guid, text)`` streams each one's text as it comes. Results in registration order."""
+        take = self._pending[: limit] if limit is not None else list(self._pending)
+        self._pending = self._pending[len(take):]
         start = time.perf_counter()
-        budget = min(req.max_new_tokens, req.max_sequence_length - len(req.prompt_token_ids))
-        for new in self.engine.generate(req.prompt_token_ids, budget, self.sampling, self.seed, stats):
-            out.extend(new)
-            text = stream.push(new)
-            if text and on_text:
-                on_text(req.guid, text)
-        tail = stream.flush()
-        if tail and on_text:
-            on_text(req.guid, tail)
-        latency = time.perf_counter() - start
+        steps0 = len(self.engine.batch_sizes)
+        live: dict[int, _Live] = {}
+        for req in take:
+            sid = self.engine.add_request(req.prompt_token_ids, req.params)
+            live[sid] = _Live(req, sid, StreamDecoder(self.tokenizer), start)
+        results: dict[int, dict] = {}
+        try:
+            while len(results) < len(take):
+                for out in self.engine.step():
+                    lv = live.get(out.id)
+                    if lv is None:
+                        continue  # another caller's request on the same engine
+                    lv.out.extend(out.new_tokens)
+                    lv.text += lv.stream.push(out.new_tokens)
+                    if out.finished:
+                        lv.text += lv.stream.flush()
+                        seq = self.engine.sequence(out.id)
+                        if seq.stop_text is not None:
+                            lv.text = seq.stop_text
+                        self._show(lv, on_text, final=True)
+                        results[out.id] = self._result(lv)
+                        self.engine.forget(out.id)
+                    else:
+                        self._show(lv, on_text, final=False)
+        finally:
+            for sid in live:
+                if sid not in results:
+                    self.engine.abort(sid)
+                    self.engine.forget(sid)
+        self.wall_s = time.perf_counter() - start
+        self.batch_sizes = self.engine.batch_sizes[steps0:]
+        return [results[lv.seq_id] for lv in live.values()]
+
+    @staticmethod
+    def _show(lv: _Live, on_text: Callable[[int, str], None] | None, final: bool) -> None:
+        """Pass on new text, holding back a tail that could still grow into a stop string."""
+        hold = 0 if final or not lv.req.params.stop else max(len(s) for s in lv.req.params.stop) - 1
+        upto = max(len(lv.shown), len(lv.text) - hold)
+        new = lv.text[len(lv.shown): upto]
+        if new:
+            lv.shown += new
+            if on_text:
+                on_text(lv.req.guid, new)
+
+    def _result(self, lv: _Live) -> dict:
+        req, seq = lv.req, self.engine.sequence(lv.seq_id)
+        latency = time.perf_counter() - lv.start
         return {
             "guid": req.guid,
             "prompt": req.prompt if req.prompt is not None else self.tokenizer.decode(req.prompt_token_ids),
             "prompt_token_ids": req.prompt_token_ids,
-            "output_token_ids": out,
-            "output_text": self.tokenizer.decode(out),
+            "output_token_ids": lv.out,
+            "output_text": lv.text,
+            "finish_reason": seq.finish_reason,
             "latency_s": latency,
-            "tokens_per_s": len(out) / latency if latency > 0 else 0.0,
-            **stats.as_dict(),
+            "time_to_first_token_s": seq.first_token_s,
+            "tokens_per_s": len(lv.out) / latency if latency > 0 else 0.0,
+            **seq.stats.as_dict(),
         }

@@ -52,3 +52,30 @@ def select(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | Non
         return int(logits.argmax())
     probs = probs_from_logits(logits.cpu(), cfg)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's generation settings (vLLM's names). Greedy when ``temperature`` is 0."""
+
+    max_new_tokens: int = 128  # most tokens generated (the context may end the request earlier)
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = all tokens
+    top_p: float = 1.0  # 1 = all tokens
+    seed: int | None = None  # seeds this request's own generator: its draws do not depend on the batch
+    stop_token_ids: tuple[int, ...] = ()  # end the request after any of these (added to the engine's EOS ids)
+    stop: tuple[str, ...] = ()  # end the request once its text contains one of these (excluded from the text)
+    ignore_eos: bool = False  # keep going past the engine's EOS ids (benchmarks)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        self.sampling  # validates temperature, top_k and top_p
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, self.top_p)

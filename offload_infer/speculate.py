@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from collections.abc import Generator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from offload_infer.models import CausalLM
-from offload_infer.models.attention import causal_mask
-from offload_infer.static_forward import BUCKETS, StaticForward, can_use_graphs
+from offload_infer.kv_pool import Part, SeqKV
+from offload_infer.static_forward import StaticForward, can_use_graphs
 from offload_infer.tree import TokenTree
 
 
@@ -63,114 +64,179 @@ class TreeConfig:
         return min(self.budget * self.max_depth, PROCESSED_PER_BUDGET * self.budget)
 
 
+@dataclass
+class DraftState:
+    """One request's drafting state in one SSM: its place in the SSM's pool, its backlog (committed
+    tokens the SSM has not processed: the prompt at first, then accepted leaves and the bonus token),
+    and the tree it last grew."""
+
+    kv: SeqKV
+    backlog: list[int] = field(default_factory=list)
+    tree: TokenTree = field(default_factory=lambda: TokenTree.root(0))
+    slot: dict[int, int] = field(default_factory=dict)  # tree node -> pending slot (nodes the SSM processed)
+    anc: Tensor = field(default_factory=lambda: torch.zeros(64, 64, dtype=torch.bool))  # pending slot ->
+    # pending slots of its ancestors and itself
+    calls: int = 0  # SSM forwards in the last draft (drafting rounds)
+
+
+@dataclass
+class _Forward:
+    """What a growing tree asks of the SSM next: tokens after its pending tail, their mask (None:
+    causal), how many top children per row it needs, and whether only the last row's are needed."""
+
+    tokens: list[int]
+    positions: list[int]
+    mask: Tensor | None
+    k: int
+    last_only: bool = False
+
+
+Growth = Generator[_Forward, tuple[list[list[float]], list[list[int]]], TokenTree]
+
+
 class Drafter:
-    """One resident SSM: its cache, its backlog and the tree it last grew.
+    """One resident SSM drafting for every running request at once: each SSM forward advances every
+    request's tree by one level (one round of best-first or width expansion), all requests' tokens
+    flattened into one batched forward over the SSM's KV pool."""
 
-    ``static`` runs its forwards at padded fixed shapes (static_forward.py), replayed from CUDA graphs
-    when the SSM is resident on a GPU; by default it is on exactly then.
-    """
-
-    def __init__(
-        self, model: CausalLM, max_len: int, valid_vocab: int, cfg: TreeConfig, static: bool | None = None
-    ) -> None:
+    def __init__(self, model: CausalLM, valid_vocab: int, cfg: TreeConfig, n_blocks: int, block_size: int,
+                 static: bool | None = None) -> None:
+        """``static``: draft at padded fixed shapes (static_forward.py), replayed from CUDA graphs when
+        the SSM is resident on a GPU; by default on exactly then."""
         self.model = model
         self.cfg = cfg
-        static = can_use_graphs(model) if static is None else static
-        pad = max(BUCKETS) if static else 0  # room for the padding rows of the largest bucket
-        self.cache = model.new_cache(max_len + cfg.max_processed() + 1 + pad)
-        self.static = StaticForward(model, self.cache) if static else None
+        self.pool = model.new_pool(n_blocks, block_size)
         self.valid_vocab = valid_vocab  # ids at or above this are embedding padding: never proposed
-        self.backlog: list[int] = []
-        self._tree = TokenTree.root(0)
-        self._slot: dict[int, int] = {}  # tree node -> pending cache slot (nodes the SSM processed)
-        self._anc = torch.zeros(64, 64, dtype=torch.bool)  # pending slot -> pending slots of its ancestors + itself
-        self.calls = 0  # SSM forwards in the last draft (drafting rounds)
+        static = can_use_graphs(model) if static is None else static
+        self.static = StaticForward(model, self.pool) if static else None
 
     @property
     def graphs_captured(self) -> int:
         return self.static.captures if self.static is not None else 0
 
-    def capture_graphs(self) -> None:
-        """Capture every drafting size's CUDA graph now rather than on first use (no-op without graphs)."""
+    def capture_graphs(self, batch_sizes: list[int] = [1], spans: list[int] = [256]) -> None:
+        """Capture the drafting graphs of these batch sizes and attention spans now rather than on first
+        use, for every per-request token count up to the tree's (no-op without graphs)."""
         if self.static is not None:
-            self.static.capture_all()
+            widest = max(self.cfg.expansion) * self.cfg.max_nodes if self.cfg.expansion else self.cfg.budget
+            counts = [1 << i for i in range(max(1, widest).bit_length() + 1)]
+            self.static.capture(batch_sizes, counts, spans)
 
-    def reset(self, committed: list[int]) -> None:
-        self.cache.reset()
-        self.backlog = list(committed)
+    def slots_for(self, llm_slots: int) -> int:
+        """Slots a request needs here when it needs ``llm_slots`` in the LLM: its sequence plus the
+        most nodes one tree may process."""
+        return llm_slots + self.cfg.max_processed() + 1
 
-    def _children(self, logits: Tensor, k: int) -> tuple[list[float], list[int]]:
-        logp = torch.log_softmax(logits[..., : self.valid_vocab].float(), dim=-1)
+    def admit(self, llm_slots: int, committed: list[int]) -> DraftState:
+        return DraftState(self.pool.allocate(self.slots_for(llm_slots)), list(committed))
+
+    def release(self, st: DraftState) -> None:
+        self.pool.free(st.kv)
+
+    def draft(self, states: list[DraftState], max_depths: list[int], budgets: list[int]) -> list[TokenTree]:
+        """Grow one tree per request from its last committed token (the end of its backlog), at most
+        ``max_depths[i]`` deep and, growing best-first, of ``budgets[i]`` nodes; one SSM forward per round
+        for all requests still growing."""
+        trees: list[TokenTree | None] = [None] * len(states)
+        active: dict[int, tuple[Growth, _Forward]] = {}
+        for i, (st, depth, budget) in enumerate(zip(states, max_depths, budgets)):
+            root = st.backlog[-1]
+            st.tree, st.slot, st.calls = TokenTree.root(root), {}, 0
+            if depth < 1 or budget < 1:
+                trees[i] = TokenTree.root(root)
+                continue
+            g = self._grow(st, depth, min(budget, self.cfg.budget))
+            active[i] = (g, next(g))
+        while active:
+            order = list(active)
+            asks = [active[i][1] for i in order]
+            results = self._run([states[i] for i in order], asks)
+            for i, res in zip(order, results):
+                states[i].calls += 1
+                try:
+                    active[i] = (active[i][0], active[i][0].send(res))
+                except StopIteration as done:
+                    trees[i] = done.value
+                    del active[i]
+        return trees  # type: ignore[return-value]
+
+    def _run(self, states: list[DraftState], asks: list[_Forward]) -> list[tuple[list[list[float]], list[list[int]]]]:
+        """One batched SSM forward; each ask gets the log-probabilities and ids of its rows' top children."""
+        parts = [Part(st.kv, len(a.tokens), a.mask) for st, a in zip(states, asks)]
+        wanted, offset = [], 0
+        for a in asks:
+            n = len(a.tokens)
+            wanted.append(list(range(offset + n - 1, offset + n)) if a.last_only else list(range(offset, offset + n)))
+            offset += n
+        flat = torch.tensor([r for w in wanted for r in w])
+        tokens = torch.tensor([t for a in asks for t in a.tokens])
+        positions = torch.tensor([p for a in asks for p in a.positions])
+        logits = self.static.forward(parts, tokens, positions) if self.static is not None else None  # [N, V]
+        if logits is not None:
+            logits = logits.index_select(0, flat.to(logits.device))
+        else:
+            batch = self.pool.batch(parts)
+            batch.logit_rows = flat.to(self.pool.device)
+            logits = self.model.forward_batch(tokens, positions, batch)  # [M, V]
+        k = max(a.k for a in asks)
+        logp = torch.log_softmax(logits[:, : self.valid_vocab].float(), dim=-1)
         top = torch.topk(logp, min(k, self.valid_vocab), dim=-1)
-        return top.values.tolist(), top.indices.tolist()
+        values, indices = top.values.tolist(), top.indices.tolist()  # one transfer for every request
+        out, row = [], 0
+        for a, w in zip(asks, wanted):
+            out.append(([v[: a.k] for v in values[row: row + len(w)]], [t[: a.k] for t in indices[row: row + len(w)]]))
+            row += len(w)
+        return out
 
-    def _forward_nodes(self, nodes: list[int]) -> Tensor:
-        """SSM logits ``[len(nodes), V]`` for tree nodes whose ancestors it has processed."""
-        tree, cache = self._tree, self.cache
-        past, length = cache.end, cache.length
+    def _grow(self, st: DraftState, max_depth: int, budget: int) -> Growth:
+        start = st.kv.length
+        k = self.cfg.expansion[0] if self.cfg.expansion else min(self.cfg.branch, budget)
+        lps, toks = yield _Forward(st.backlog, list(range(start, start + len(st.backlog))), None, k, True)
+        st.kv.commit_all()
+        st.backlog = []
+        if self.cfg.expansion:
+            return (yield from self._grow_by_widths(st, lps, toks, max_depth))
+        return (yield from self._grow_best_first(st, lps, toks, max_depth, budget))
+
+    def _ask_nodes(self, st: DraftState, nodes: list[int], k: int) -> _Forward:
+        """The forward of tree nodes whose ancestors the SSM has processed; records their pending slots."""
+        tree, kv = st.tree, st.kv
+        past, length = kv.end, kv.length
         n = len(nodes)
         first = past - length  # pending slot of nodes[0]; the root is committed, so it has none
-        if first + n > self._anc.shape[0]:
+        if first + n > st.anc.shape[0]:
             grown = torch.zeros(2 * (first + n), 2 * (first + n), dtype=torch.bool)
-            grown[: self._anc.shape[0], : self._anc.shape[1]] = self._anc
-            self._anc = grown
-        parent_slots = torch.tensor([self._slot.get(tree.parents[x], -1) for x in nodes])
-        rows = torch.zeros(n, self._anc.shape[1], dtype=torch.bool)  # [n, pending slots]: ancestors + self
+            grown[: st.anc.shape[0], : st.anc.shape[1]] = st.anc
+            st.anc = grown
+        parent_slots = torch.tensor([st.slot.get(tree.parents[x], -1) for x in nodes])
+        rows = torch.zeros(n, st.anc.shape[1], dtype=torch.bool)  # [n, pending slots]: ancestors + self
         has_parent = parent_slots >= 0
-        rows[has_parent] = self._anc[parent_slots[has_parent]]
+        rows[has_parent] = st.anc[parent_slots[has_parent]]
         own = torch.arange(first, first + n)
         rows[torch.arange(n), own] = True
-        self._anc[own] = rows
+        st.anc[own] = rows
         mask = torch.cat([torch.ones(n, length, dtype=torch.bool), rows[:, : first + n]], dim=1)  # [n, past + n]
-        root_pos = length - 1
-        tokens = torch.tensor([tree.tokens[x] for x in nodes])
-        positions = torch.tensor([root_pos + tree.depths[x] for x in nodes])
-        logits = self._forward(tokens, positions, mask)
-        self.calls += 1
         for r, node in enumerate(nodes):
-            self._slot[node] = first + r
-        return logits
+            st.slot[node] = first + r
+        root_pos = length - 1
+        return _Forward([tree.tokens[x] for x in nodes], [root_pos + tree.depths[x] for x in nodes], mask, k)
 
-    def _forward(self, tokens: Tensor, positions: Tensor, mask: Tensor | None) -> Tensor:
-        if self.static is None or tokens.numel() > self.static.max_tokens:
-            return self.model.forward(tokens, positions, self.cache, mask)
-        if mask is None:
-            mask = causal_mask(self.cache.end, tokens.numel(), torch.device("cpu"))
-        return self.static.forward(tokens, positions, mask)
-
-    def draft(self, max_depth: int, budget: int | None = None) -> TokenTree:
-        """Grow a tree from the last committed token (the end of the backlog), at most ``max_depth`` deep
-        and, growing best-first, of ``budget`` nodes (default: the config's)."""
-        root = self.backlog[-1]
-        self._tree, self._slot, self.calls = TokenTree.root(root), {}, 0
-        if max_depth < 1:
-            return TokenTree.root(root)
-        start = self.cache.length
-        chain = torch.tensor(self.backlog)
-        root_logits = self._forward(chain, torch.arange(start, start + len(chain)), None)[-1]
-        self.calls += 1
-        self.cache.commit_all()
-        self.backlog = []
-        if self.cfg.expansion:
-            return self._grow_by_widths(root_logits, max_depth)
-        return self._grow_best_first(root_logits, max_depth, min(budget or self.cfg.budget, self.cfg.budget))
-
-    def _grow_by_widths(self, root_logits: Tensor, max_depth: int) -> TokenTree:
-        tree = self._tree
+    def _grow_by_widths(self, st: DraftState, lps: list[list[float]], toks: list[list[int]], max_depth: int) -> Growth:
+        tree = st.tree
         widths = self.cfg.expansion[:max_depth]
-        frontier, logits = [0], root_logits[None]
+        frontier = [0]
         for d, w in enumerate(widths):
             if d > 0:
                 if not frontier:
                     break
-                logits = self._forward_nodes(frontier)
-            lps, toks = self._children(logits, w)
+                lps, toks = yield self._ask_nodes(st, frontier, w)
             frontier = [tree.add(t, node, math.exp(lp)) for node, lrow, row in zip(frontier, lps, toks)
-                        for lp, t in zip(lrow, row)]
+                        for lp, t in zip(lrow[:w], row[:w])]
         return tree
 
-    def _grow_best_first(self, root_logits: Tensor, max_depth: int, budget: int) -> TokenTree:
-        tree = self._tree
+    def _grow_best_first(self, st: DraftState, root_lps: list[list[float]], root_toks: list[list[int]],
+                         max_depth: int, budget: int) -> Growth:
+        tree = st.tree
         k = min(self.cfg.branch, budget)
         logp = [0.0]
         expanded: set[int] = set()
@@ -184,8 +250,7 @@ class Drafter:
         def rank(i: int) -> tuple[float, int, int]:
             return (-logp[i], tree.depths[i], i)
 
-        lps, toks = self._children(root_logits, k)
-        add_children(0, lps, toks)
+        add_children(0, root_lps[0], root_toks[0])
         top = sorted(range(1, len(tree)), key=rank)[:budget]  # the best `budget` nodes so far
         limit = self.cfg.max_processed()
         while True:
@@ -194,8 +259,7 @@ class Drafter:
                 todo = sorted(sorted(todo, key=rank)[: limit - len(expanded)])
             if not todo:
                 break
-            logits = self._forward_nodes(todo)
-            lps_all, toks_all = self._children(logits, k)
+            lps_all, toks_all = yield self._ask_nodes(st, todo, k)
             new = len(tree)
             for node, lps, toks in zip(todo, lps_all, toks_all):
                 expanded.add(node)
@@ -209,17 +273,21 @@ class Drafter:
             where[i] = out.add(tree.tokens[i], where[tree.parents[i]], tree.q[i])
         return out
 
-    def commit(self, accepted: list[int], next_token: int) -> None:
-        """Keep the cache entries of the accepted tokens this SSM processed; queue the rest."""
-        node, slots, i = 0, [], 0
-        while i < len(accepted):
-            child = self._tree.child(node, accepted[i])
-            if child is None or child not in self._slot:
-                break
-            slots.append(self._slot[child])
-            node, i = child, i + 1
-        self.cache.commit(slots)
-        self.backlog = self.backlog + accepted[i:] + [next_token]  # non-empty only if it did not draft
+    def commit(self, items: list[tuple[DraftState, list[int], int]]) -> None:
+        """For each (request, accepted tokens, next token): keep the cache entries of the accepted tokens
+        this SSM processed and queue the rest; one pool copy for all requests."""
+        kept = []
+        for st, accepted, next_token in items:
+            node, slots, i = 0, [], 0
+            while i < len(accepted):
+                child = st.tree.child(node, accepted[i])
+                if child is None or child not in st.slot:
+                    break
+                slots.append(st.slot[child])
+                node, i = child, i + 1
+            kept.append((st.kv, slots))
+            st.backlog = st.backlog + accepted[i:] + [next_token]  # non-empty only if it did not draft
+        self.pool.commit(kept)
 
 
 class VocabularyMismatchError(ValueError):

@@ -1,20 +1,20 @@
-"""A resident model's forward at fixed shapes, replayed from CUDA graphs (the SSMs' drafting rounds).
+"""The SSMs' batched drafting forward at fixed shapes, replayed from CUDA graphs.
 
 A small SSM's forward is bound by kernel launches, not by the GPU (hundreds of small kernels, each
-with Python and launch overhead), so it costs about the same for 1 or 64 tokens. Here the forward is
-recast so that every tensor has a fixed shape and every index lives on the device:
+with Python and launch overhead), so it costs about the same for 1 or 1,000 tokens. Here a drafting
+round (every request's next tree level) is recast so that every tensor has a fixed shape and every
+index lives on the device:
 
-- the ``n`` new tokens are padded to a bucket size ``B`` (1, 2, 4, ...); the padding rows are valid
-  tokens that see slot 0 only, so they stay finite, and their results are dropped;
-- attention runs over a span of the cache ``[0, L)``, ``L`` the smallest of 256, 512, 1024, ... (and
-  the cache's length) that holds the new tokens' padded slots, with the mask padded by False columns:
-  a forward pays for the context it has, not for the longest the cache allows;
-- keys and values are written at slot indices held in a device tensor (``index_copy_``): the ``n``
-  reserved slots, then ``B - n`` slots after them that nothing can see and the next forward overwrites.
+- the ``B`` requests are padded to ``Bb`` (1, 2, 4, ...) and each request's new tokens to ``Nb`` (1, 2,
+  4, ...), laid out as ``[Bb * Nb]`` rows (``KVPool.batch`` with a shape); padding rows write to the
+  pool's scratch block and see one slot, so they stay finite, and their logits are dropped;
+- attention runs over a span ``S`` of each request's slots, the smallest of 256, 512, 1024, ... that
+  holds its context: a round pays for the context it has, not for the longest allowed.
 
-Each (bucket, span)'s forward is captured once into a CUDA graph and then replayed after copying the
-inputs into its static buffers. Without CUDA (or with ``graphs=False``) the same padded forward runs eagerly,
-which is what the CPU tests check against the plain forward.
+Each (Bb, Nb, S) is captured once into a CUDA graph (on first use, or all at once by ``capture``) and
+then replayed after copying the inputs into its static buffers. Rounds larger than ``max_tokens``
+padded rows (a new request's prompt) run eagerly. Without CUDA the same padded forward runs eagerly,
+which is what the CPU tests check against the plain batched forward.
 """
 
 from __future__ import annotations
@@ -22,42 +22,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from offload_infer.kv_cache import KVCache
+from offload_infer.kv_pool import BatchAttention, KVPool, Part
 from offload_infer.models import CausalLM, ResidentLayers
 from offload_infer.models.attention import attention_backends
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # padded token counts; each gets its own graph when first used
-MIN_SPAN = 256  # shortest attention span; spans double up to the cache's length
+MAX_TOKENS = 1024  # most padded rows (Bb * Nb) of a replayed round
+MIN_SPAN = 256  # shortest attention span; spans double from here
 
 
-class _SlotWriter:
-    """Stands in for the KV cache inside a family's forward: writes at device-held slot indices and
-    returns the span's slots (the mask hides what a token may not see)."""
-
-    def __init__(self, cache: KVCache, slots: Tensor, span: int) -> None:
-        self.cache = cache
-        self.slots = slots  # [B] long, on the device
-        self.span = span
-
-    def write(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # k, v: [KV, B, D] -> cache [KV, max_len, D] at self.slots; returns [KV, span, D] views
-        self.cache.k[layer].index_copy_(1, self.slots, k)
-        self.cache.v[layer].index_copy_(1, self.slots, v)
-        return self.cache.k[layer][:, : self.span], self.cache.v[layer][:, : self.span]
-
-
-class _Bucket:
-    """Static input/output buffers of one padded size and attention span, and its graph once captured."""
-
-    def __init__(self, size: int, span: int, device: torch.device) -> None:
-        self.size = size
-        self.span = span
-        self.tokens = torch.zeros(size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(size, dtype=torch.long, device=device)
-        self.slots = torch.zeros(size, dtype=torch.long, device=device)
-        self.mask = torch.zeros(size, span, dtype=torch.bool, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: Tensor | None = None
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def can_use_graphs(model: CausalLM) -> bool:
@@ -65,107 +39,109 @@ def can_use_graphs(model: CausalLM) -> bool:
     return model.device.type == "cuda" and isinstance(model.weights.layers, ResidentLayers)
 
 
-class StaticForward:
-    """``forward(tokens, positions, mask)`` for ``model`` over ``cache``, with the tokens padded to the
-    smallest bucket that holds them. Token counts above the largest bucket, or too close to the end of
-    the cache for their padding, fall back to the plain forward."""
+class _Bucket:
+    """Static inputs of one padded shape, the attention over them, and its graph once captured."""
 
-    def __init__(
-        self,
-        model: CausalLM,
-        cache: KVCache,
-        buckets: tuple[int, ...] = BUCKETS,
-        graphs: bool | None = None,
-    ) -> None:
-        self.model = model
-        self.cache = cache
-        self.sizes = tuple(sorted(buckets))
+    def __init__(self, pool: KVPool, b: int, nb: int, span: int) -> None:
+        dev = pool.device
+        self.shape = (b, nb, span)
+        self.tokens = torch.zeros(b * nb, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(b * nb, dtype=torch.long, device=dev)
+        self.attn = BatchAttention(pool, torch.full((b * nb,), pool.scratch, dtype=torch.long, device=dev),
+                                   torch.arange(b * nb, device=dev),
+                                   torch.full((b, span), pool.scratch, dtype=torch.long, device=dev),
+                                   torch.zeros(b, nb, span, dtype=torch.bool, device=dev), b, nb)
+        self.attn.mask[..., 0] = True
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+
+
+class StaticForward:
+    """Batched forwards of ``model`` over ``pool`` at padded shapes (graphs on CUDA: ``graphs``)."""
+
+    def __init__(self, model: CausalLM, pool: KVPool, graphs: bool | None = None, max_tokens: int = MAX_TOKENS) -> None:
+        self.model, self.pool, self.max_tokens = model, pool, max_tokens
         self.graphs = can_use_graphs(model) if graphs is None else graphs
         if self.graphs and not can_use_graphs(model):
             raise ValueError("CUDA graphs need a model resident on a CUDA device")
-        self.spans = tuple(sorted({min(MIN_SPAN << i, cache.max_len)
-                                   for i in range(max(1, cache.max_len.bit_length()))}))
-        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._buckets: dict[tuple[int, int, int], _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        self.replays = 0  # forwards served by a bucket (graph replays on CUDA)
+        self.replays = 0  # rounds served by a bucket (graph replays on CUDA)
         self.captures = 0  # graphs captured so far (a one-time cost on a bucket's first use)
 
-    @property
-    def max_tokens(self) -> int:
-        return self.sizes[-1]
+    def shape_for(self, parts: list[Part]) -> tuple[int, int, int] | None:
+        """The padded (Bb, Nb, S) of a round, or None if it is too large to replay."""
+        b, nb = _pow2(len(parts)), _pow2(max(p.n for p in parts))
+        if b * nb > self.max_tokens:
+            return None
+        end = max(p.seq.end + p.n for p in parts)
+        span = MIN_SPAN
+        while span < end:
+            span *= 2
+        return b, nb, span
 
-    def _bucket(self, size: int, end: int) -> _Bucket:
-        """The bucket of padded ``size`` whose slots end at ``end`` (``end`` <= the cache's length)."""
-        span = next(L for L in self.spans if L >= max(end, size))
-        b = self._buckets.get((size, span))
-        if b is None:
-            b = self._buckets[(size, span)] = _Bucket(size, span, self.model.device)
-        return b
-
-    def _run(self, b: _Bucket) -> Tensor:
+    def _run(self, bk: _Bucket) -> Tensor:
         cfg, weights = self.model.config, self.model.weights
         with attention_backends(self.model.device):  # the kernel picked at capture is the one replayed
-            return cfg.forward(weights, b.tokens, b.positions, _SlotWriter(self.cache, b.slots, b.span), 0, b.mask)
+            return cfg.forward(weights, bk.tokens, bk.positions, bk.attn, 0, None)
 
-    def _capture(self, b: _Bucket) -> None:
-        assert b.size <= self.cache.max_len, "a bucket larger than the cache is never used"
-        # the warm-up and the capture write padding at slots beyond the cache's end: nothing sees them
-        b.slots.copy_(torch.arange(self.cache.max_len - b.size, self.cache.max_len))
-        b.mask.zero_()
-        b.mask[:, 0] = True
-        side = torch.cuda.Stream(self.model.device)
-        side.wait_stream(torch.cuda.current_stream(self.model.device))
+    def _capture(self, bk: _Bucket) -> None:
+        dev = self.model.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):  # lets cuBLAS and the attention kernels pick and allocate their workspaces
-                self._run(b)
-        torch.cuda.current_stream(self.model.device).wait_stream(side)
+                self._run(bk)
+        torch.cuda.current_stream(dev).wait_stream(side)
         self.captures += 1
-        b.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(b.graph, pool=self._pool):
-            b.logits = self._run(b)
+        bk.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(bk.graph, pool=self._pool):
+            bk.logits = self._run(bk)
+
+    def _bucket(self, shape: tuple[int, int, int]) -> _Bucket:
+        bk = self._buckets.get(shape)
+        if bk is None:
+            bk = self._buckets[shape] = _Bucket(self.pool, *shape)
+        if self.graphs and bk.graph is None:
+            self._capture(bk)
+        return bk
 
     @torch.inference_mode()
-    def capture_all(self) -> None:
-        """Capture every usable (bucket, span)'s graph now (otherwise each is captured on first use)."""
+    def capture(self, batch_sizes: list[int], tokens: list[int], spans: list[int]) -> None:
+        """Capture the graphs of these padded shapes now rather than on first use (no-op without graphs)."""
         if self.graphs:
-            for size in (s for s in self.sizes if s <= self.cache.max_len):
-                for span in (L for L in self.spans if L >= size):
-                    b = self._bucket(size, span)
-                    if b.graph is None:
-                        self._capture(b)
+            for b in batch_sizes:
+                for nb in tokens:
+                    for s in spans:
+                        if b * nb <= self.max_tokens:
+                            self._bucket((_pow2(b), _pow2(nb), s))
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-        """Logits ``[n, V]`` (fp32) for ``n`` new tokens after the cache's pending tail, like
-        ``CausalLM.forward``; ``mask`` ``[n, past + n]`` bool on the CPU (True = visible)."""
-        n = tokens.numel()
-        cache = self.cache
-        start = cache.end
-        size = next((s for s in self.sizes if s >= n), None) if n > 0 else None
-        if size is None or start + size > cache.max_len:
-            return self.model.forward(tokens, positions, cache, mask)
-        b = self._bucket(size, start + size)
+    def forward(self, parts: list[Part], tokens: Tensor, positions: Tensor) -> Tensor | None:
+        """Logits ``[N, V]`` (fp32) for the parts' flattened new tokens, like ``CausalLM.forward_batch``
+        without ``logit_rows``; None (nothing reserved) if the round is too large to pad."""
+        shape = self.shape_for(parts)
+        if shape is None:
+            return None
         if int(positions.max()) >= self.model.config.max_position_embeddings:
             raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
                              f"{self.model.config.max_position_embeddings} tokens")
-        assert mask.shape == (n, start + n), f"mask {tuple(mask.shape)} for {n} tokens after {start}"
-        if self.graphs and b.graph is None:
-            self._capture(b)
-        # [B] inputs: padding rows repeat token 0 / position 0 and see slot 0 alone
-        host_tokens = torch.zeros(b.size, dtype=torch.long)
-        host_tokens[:n] = tokens
-        host_pos = torch.zeros(b.size, dtype=torch.long)
-        host_pos[:n] = positions
-        host_mask = torch.zeros(b.size, b.span, dtype=torch.bool)  # [B, span]
-        host_mask[:n, : start + n] = mask
-        host_mask[n:, 0] = True
-        b.tokens.copy_(host_tokens, non_blocking=True)
-        b.positions.copy_(host_pos, non_blocking=True)
-        b.slots.copy_(torch.arange(start, start + b.size), non_blocking=True)
-        b.mask.copy_(host_mask, non_blocking=True)
-        cache.reserve(n)
+        bk = self._bucket(shape)
+        batch = self.pool.batch(parts, shape)
+        rows = batch.real_rows
+        host_tokens = torch.zeros(bk.tokens.numel(), dtype=torch.long)
+        host_tokens[rows] = tokens
+        host_pos = torch.zeros(bk.positions.numel(), dtype=torch.long)
+        host_pos[rows] = positions
+        bk.tokens.copy_(host_tokens, non_blocking=True)
+        bk.positions.copy_(host_pos, non_blocking=True)
+        bk.attn.write_slots.copy_(batch.write_slots, non_blocking=True)
+        bk.attn.gather.copy_(batch.gather, non_blocking=True)
+        bk.attn.mask.copy_(batch.mask, non_blocking=True)
         self.replays += 1
         if self.graphs:
-            b.graph.replay()
-            return b.logits[:n].to(torch.float32, copy=True)  # the static buffer is overwritten next replay
-        return self._run(b)[:n].float()
+            bk.graph.replay()
+            logits = bk.logits
+        else:
+            logits = self._run(bk)
+        return logits.index_select(0, rows.to(logits.device)).float()  # copies: the buffer is reused

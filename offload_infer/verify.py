@@ -22,15 +22,21 @@ from offload_infer.tree import TokenTree
 
 
 def verify(
-    tree: TokenTree, logits: Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
+    tree: TokenTree, logits: Tensor | None, sampling: SamplingConfig, generator: torch.Generator | None = None,
+    choice: list[int] | None = None,
 ) -> tuple[list[int], int]:
     """Accepted node indices (root first) and the token that follows the last of them.
 
-    ``logits`` ``[T, V]`` holds the LLM's next-token logits at every tree node.
+    ``logits`` ``[T, V]`` holds the LLM's next-token logits at every tree node; greedy verification
+    may instead be given their argmax per node (``choice``, computed for a whole batch at once).
     """
-    assert logits.shape[0] == len(tree), f"{logits.shape[0]} logit rows for {len(tree)} nodes"
-    if sampling.greedy:
+    if sampling.greedy and choice is None:
+        assert logits is not None
         choice = logits.argmax(-1).tolist()  # one transfer for the whole tree
+    if choice is not None:
+        assert len(choice) == len(tree), f"{len(choice)} choices for {len(tree)} nodes"
+    else:
+        assert logits is not None and logits.shape[0] == len(tree), "one logit row per tree node"
     path = [0]
     while True:
         node = path[-1]

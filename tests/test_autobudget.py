@@ -83,15 +83,15 @@ def test_a_smaller_budget_grows_the_best_nodes_of_a_larger_tree(tiny_dirs):
     for small, large in ((1, 16), (4, 16), (8, 64)):
         trees = {}
         for b in (small, large):
-            d = Drafter(ssm, 64, ssm.vocab_size, TreeConfig(budget=b, max_depth=8))
-            d.reset(committed)
-            trees[b] = d.draft(8, b)
+            d = Drafter(ssm, ssm.vocab_size, TreeConfig(budget=b, max_depth=8), 64, 16)
+            trees[b] = d.draft([d.admit(64, committed)], [8], [b])[0]
         big = trees[large]
         assert paths(big, rank_nodes(big)[:small]) == paths(trees[small], range(1, len(trees[small])))
 
 
 def test_auto_budget_output_equals_incremental(tiny_dirs):
-    from offload_infer.engine import Engine, GenerationStats
+    from offload_infer.engine import Engine
+    from offload_infer.stats import GenerationStats
     from offload_infer.speculate import TreeConfig
     from weights.load import load_model
     from weights.resolve import resolve

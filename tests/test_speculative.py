@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload_infer.engine import Engine, GenerationStats
-from offload_infer.kv_cache import KVCache
+from offload_infer.engine import Engine
+from offload_infer.stats import GenerationStats
+from offload_infer.kv_pool import KVPool
 from offload_infer.sampling import SamplingConfig
 from offload_infer.speculate import TreeConfig
 from tests.conftest import build_hf, llama_cfg
@@ -40,13 +41,13 @@ class StubSSM:
         self.config, self.vocab_size, self.fav = like.config, like.vocab_size, favourite
         self.device = torch.device("cpu")
 
-    def new_cache(self, max_len: int) -> KVCache:
+    def new_pool(self, n_blocks: int, block_size: int) -> KVPool:
         c = self.config
-        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, "cpu", torch.float32)
+        return KVPool(c.n_layers, c.n_kv_heads, c.head_dim, n_blocks, block_size, "cpu", torch.float32)
 
-    def forward(self, tokens, positions, cache, mask=None):
-        cache.reserve(len(tokens))
-        logits = torch.zeros(len(tokens), self.vocab_size)
+    def forward_batch(self, tokens, positions, batch):
+        rows = len(tokens) if batch.logit_rows is None else len(batch.logit_rows)
+        logits = torch.zeros(rows, self.vocab_size)
         logits[:, self.fav] = 5.0
         logits[:, (self.fav + 1) % self.vocab_size] = 4.0
         return logits
@@ -140,14 +141,14 @@ def test_best_first_growth_stops_where_the_drafting_cache_ends(models, monkeypat
     llm, ssm = models["llama"], models["random"]
     ref = run(llm, [])
     tree = TreeConfig(budget=8, max_depth=8, branch=4)
-    d = Drafter(ssm, 64, ssm.vocab_size, tree)
-    d.reset(PROMPT)
-    d.draft(8)
-    assert len(d._slot) == 8  # this SSM expands 8 nodes for a budget of 8
+    d = Drafter(ssm, ssm.vocab_size, tree, 16, 16)
+    st = d.admit(64, PROMPT)
+    d.draft([st], [8], [8])
+    assert len(st.slot) == 8  # this SSM expands 8 nodes for a budget of 8
     monkeypatch.setattr(TreeConfig, "max_processed", lambda self: 5)  # so a limit of 5 bites
-    d = Drafter(ssm, 64, ssm.vocab_size, tree)
-    d.reset(PROMPT)
-    grown = d.draft(8)
-    assert len(d._slot) == 5 and 1 <= len(grown) - 1 <= 8
+    d = Drafter(ssm, ssm.vocab_size, tree, 16, 16)
+    st = d.admit(64, PROMPT)
+    grown = d.draft([st], [8], [8])[0]
+    assert len(st.slot) == 5 and 1 <= len(grown) - 1 <= 8
     assert all(grown.parents[i] < i for i in range(1, len(grown)))
     assert run(llm, [ssm], tree) == ref

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload_infer.engine import Engine, GenerationStats
+from offload_infer.engine import Engine
+from offload_infer.stats import GenerationStats
 from offload_infer.speculate import TreeConfig
+from offload_infer.kv_pool import Part
 from offload_infer.static_forward import StaticForward
 from tests.conftest import build_hf, llama_cfg
 from weights.load import load_model
@@ -26,54 +28,56 @@ def random_ssm_dir(tmp_path_factory):
     return d
 
 
-def _tree_step(model, forward, cache, prompt: list[int] = PROMPT):
-    """Prefill (plain forward), a 3-node tree (a root child with one child, and a sibling), keep two,
-    then one more token."""
-    out = [model.forward(torch.tensor(prompt), torch.arange(len(prompt)), cache)]
-    cache.commit_all()
-    p = len(prompt)
+def _eager(model, pool):
+    return lambda parts, t, p: model.forward_batch(t, p, pool.batch(parts))
+
+
+def _rounds(model, run, pool, prompt: list[int] = PROMPT) -> list[torch.Tensor]:
+    """Two requests: prompts of different lengths, then request 0 a 3-node tree (a root child with one
+    child, and a sibling; two kept) while request 1 takes one token, then one token each."""
+    a, b = pool.allocate(len(prompt) + 16), pool.allocate(len(prompt) + 16)
+    other = prompt[1:4]
+    out = [run([Part(a, len(prompt)), Part(b, len(other))], torch.tensor(prompt + other),
+               torch.cat([torch.arange(len(prompt)), torch.arange(len(other))]))]
+    pool.commit([(a, list(range(len(prompt)))), (b, list(range(len(other))))])
+    p, q = len(prompt), len(other)
     mask = torch.zeros(3, p + 3, dtype=torch.bool)
     mask[:, :p] = True
     mask[0, p] = mask[1, p] = mask[1, p + 1] = mask[2, p + 2] = True  # 0 <- 1, 2 a sibling of 0
-    out.append(forward(torch.tensor([11, 12, 13]), torch.tensor([p, p + 1, p]), mask))
-    cache.commit([0, 1])
-    end = cache.end
-    out.append(forward(torch.tensor([14]), torch.tensor([end]), torch.ones(1, end + 1, dtype=torch.bool)))
-    cache.commit_all()
+    out.append(run([Part(a, 3, mask), Part(b, 1)], torch.tensor([11, 12, 13, 20]), torch.tensor([p, p + 1, p, q])))
+    pool.commit([(a, [0, 1]), (b, [0])])
+    out.append(run([Part(a, 1), Part(b, 1)], torch.tensor([14, 21]), torch.tensor([a.end, b.end])))
+    pool.commit([(a, [0]), (b, [0])])
     return out
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
 def test_padded_forward_matches_plain_forward(tiny_dirs, family):
     model = _load(tiny_dirs[family][0])
-    plain_cache, static_cache = model.new_cache(64), model.new_cache(64)
-    plain = _tree_step(model, lambda t, p, m: model.forward(t, p, plain_cache, m), plain_cache)
-    static = StaticForward(model, static_cache, graphs=False)
-    padded = _tree_step(model, static.forward, static_cache)
-    assert static.graphs is False and static.replays == 2  # the prefill is a plain forward
-    for a, b in zip(plain, padded):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    n = plain_cache.length
-    assert static_cache.length == n == len(PROMPT) + 3
-    torch.testing.assert_close(static_cache.k[:, :, :n], plain_cache.k[:, :, :n], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(static_cache.v[:, :, :n], plain_cache.v[:, :, :n], atol=1e-5, rtol=1e-5)
+    plain_pool, static_pool = model.new_pool(8, 16), model.new_pool(8, 16)
+    plain = _rounds(model, _eager(model, plain_pool), plain_pool)
+    static = StaticForward(model, static_pool, graphs=False)
+    padded = _rounds(model, static.forward, static_pool)
+    assert static.graphs is False and static.replays == 3
+    assert set(static._buckets) == {(2, 8, 256), (2, 4, 256), (2, 1, 256)}  # (Bb, Nb, span)
+    for x, y in zip(plain, padded):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
+    for pool in (plain_pool, static_pool):
+        assert pool.blocks.free_blocks == 4  # two requests of 22 slots: two blocks each
+    n = len(PROMPT) + 3  # request 0's committed slots hold the same keys in both pools
+    s = torch.arange(n)  # request 0 holds blocks 0 and 1
+    torch.testing.assert_close(static_pool.k[:, :, s], plain_pool.k[:, :, s], atol=1e-5, rtol=1e-5)
 
 
-def test_too_many_tokens_or_no_room_for_padding_falls_back(tiny_dirs):
+def test_a_round_too_large_to_pad_runs_eagerly(tiny_dirs):
     model = _load(tiny_dirs["llama"][0])
-    cache = model.new_cache(len(PROMPT) + 3)
-    static = StaticForward(model, cache, buckets=(1, 2), graphs=False)
-    ref_cache = model.new_cache(len(PROMPT) + 3)
-    ref = model.forward(torch.tensor(PROMPT), torch.arange(len(PROMPT)), ref_cache)
-    out = static.forward(torch.tensor(PROMPT), torch.arange(len(PROMPT)), torch.ones(6, 6).tril().bool())
-    torch.testing.assert_close(out, ref)
-    cache.commit_all()
-    # 3 tokens: no bucket holds them; 1 token fits bucket 1 exactly at the end of the cache
-    out = static.forward(torch.tensor([1, 2, 3]), torch.arange(6, 9), torch.ones(3, 9).tril(6).bool())
-    assert out.shape[0] == 3 and cache.end == 9
-    cache.rollback()
+    pool = model.new_pool(8, 16)
+    static = StaticForward(model, pool, graphs=False, max_tokens=8)
+    seq = pool.allocate(32)
+    assert static.forward([Part(seq, len(PROMPT + PROMPT))], torch.tensor(PROMPT + PROMPT), torch.arange(12)) is None
+    assert seq.pending == 0  # nothing reserved: the caller runs it eagerly
     with pytest.raises(ValueError, match="beyond the model's context"):
-        static.forward(torch.tensor([1]), torch.tensor([10**6]), torch.ones(1, 7, dtype=torch.bool))
+        static.forward([Part(seq, 1)], torch.tensor([1]), torch.tensor([10**6]))
 
 
 @pytest.fixture(scope="module")
@@ -87,20 +91,24 @@ def _long_prompt(n: int) -> list[int]:
     return [i % 300 + 3 for i in range(n)]
 
 
-@pytest.mark.parametrize("prompt_len, span", [(5, 256), (300, 512), (600, 700)])
+@pytest.mark.parametrize("prompt_len, span", [(5, 256), (300, 512), (600, 1024)])
 def test_attention_spans_only_the_context_in_use(long_ssm_dir, prompt_len, span):
-    """A padded forward attends over the shortest span (256, 512, ..., the cache's length) that holds
-    its slots, not over the whole cache; the result is the same."""
+    """A padded round attends over the shortest span (256, 512, ...) that holds its requests' slots,
+    not over all they reserved; the result is the same. The prompts themselves run eagerly."""
     model = _load(long_ssm_dir)
-    plain_cache, static_cache = model.new_cache(700), model.new_cache(700)
-    static = StaticForward(model, static_cache, graphs=False)
-    assert static.spans == (256, 512, 700)
+    plain_pool, static_pool = model.new_pool(100, 16), model.new_pool(100, 16)
+    static = StaticForward(model, static_pool, graphs=False, max_tokens=64)
     prompt = _long_prompt(prompt_len)
-    plain = _tree_step(model, lambda t, p, m: model.forward(t, p, plain_cache, m), plain_cache, prompt)
-    padded = _tree_step(model, static.forward, static_cache, prompt)
-    assert {b.span for b in static._buckets.values()} == {span}
-    for a, b in zip(plain, padded):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    plain = _rounds(model, _eager(model, plain_pool), plain_pool, prompt)
+
+    def run_or_eager(parts, t, p):
+        out = static.forward(parts, t, p)
+        return out if out is not None else _eager(model, static_pool)(parts, t, p)
+
+    padded = _rounds(model, run_or_eager, static_pool, prompt)
+    assert {bk.shape[2] for bk in static._buckets.values()} == {span}
+    for x, y in zip(plain, padded):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("tree", [TreeConfig(budget=16), TreeConfig(expansion=(2, 2, 1, 1)), TreeConfig(budget=200)])
@@ -122,22 +130,19 @@ def test_static_drafting_grows_the_same_trees(tiny_dirs, random_ssm_dir, tree):
 @pytest.mark.cuda
 def test_cuda_graph_drafting(tiny_dirs, random_ssm_dir):
     llm, ssm = _load(tiny_dirs["llama"][0], "cuda"), _load(random_ssm_dir, "cuda")
-    cache, ref_cache = ssm.new_cache(64), ssm.new_cache(64)
-    graphed = StaticForward(ssm, cache)
+    plain_pool, graphed_pool = ssm.new_pool(8, 16), ssm.new_pool(8, 16)
+    graphed = StaticForward(ssm, graphed_pool)
     assert graphed.graphs
-    graphed.capture_all()
-    assert graphed.spans == (64,) and graphed.captures == len([s for s in graphed.sizes if s <= 64])
-    plain = _tree_step(ssm, lambda t, p, m: ssm.forward(t, p, ref_cache, m), ref_cache)
-    out = _tree_step(ssm, graphed.forward, cache)
+    plain = _rounds(ssm, _eager(ssm, plain_pool), plain_pool)
+    out = _rounds(ssm, graphed.forward, graphed_pool)
+    assert graphed.replays == 3 and graphed.captures == 3
     for a, b in zip(plain, out):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-    assert graphed.replays == 2
     ref = [t for s in Engine(llm, max_sequence_length=128).generate(PROMPT, 40) for t in s]
     engine = Engine(llm, [ssm, llm], TreeConfig(budget=16), max_sequence_length=128)
     for d in engine.drafters:
-        d.capture_graphs()
-        assert d.static.spans == (256, d.cache.max_len)  # (bucket, span) pairs that fit the cache:
-        assert d.graphs_captured == sum(1 for s in d.static.sizes for L in d.static.spans if s <= L)
+        d.capture_graphs([1])
+        assert d.graphs_captured == 6  # Nb = 1, 2, 4, 8, 16, 32 at batch 1, span 256
     assert [t for s in engine.generate(PROMPT, 40) for t in s] == ref
     assert all(d.static is not None and d.static.graphs and d.static.replays > 0 for d in engine.drafters)
 
@@ -146,12 +151,17 @@ def test_cuda_graph_drafting(tiny_dirs, random_ssm_dir):
 @pytest.mark.parametrize("prompt_len", [5, 300, 600])
 def test_cuda_graphs_per_attention_span(long_ssm_dir, prompt_len):
     model = _load(long_ssm_dir, "cuda")
-    plain_cache, graphed_cache = model.new_cache(700), model.new_cache(700)
-    graphed = StaticForward(model, graphed_cache)
+    plain_pool, graphed_pool = model.new_pool(100, 16), model.new_pool(100, 16)
+    graphed = StaticForward(model, graphed_pool, max_tokens=64)
+
+    def run_or_eager(parts, t, p):
+        out = graphed.forward(parts, t, p)
+        return out if out is not None else _eager(model, graphed_pool)(parts, t, p)
+
     prompt = _long_prompt(prompt_len)
-    plain = _tree_step(model, lambda t, p, m: model.forward(t, p, plain_cache, m), plain_cache, prompt)
-    out = _tree_step(model, graphed.forward, graphed_cache, prompt)
-    assert graphed.replays == 2 and graphed.captures == 2  # buckets 4 and 1, at this context's span
+    plain = _rounds(model, _eager(model, plain_pool), plain_pool, prompt)
+    out = _rounds(model, run_or_eager, graphed_pool, prompt)
+    assert graphed.captures == len(graphed._buckets) >= 2
     for a, b in zip(plain, out):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
@@ -172,5 +182,7 @@ def test_cuda_attention_never_uses_cudnn(tiny_dirs, monkeypatch):
     model = load_model(resolve(str(tiny_dirs["llama"][0])), device=torch.device("cuda"), dtype=torch.float16,
                        progress=False).model
     model.forward(torch.tensor(PROMPT), torch.arange(len(PROMPT)), model.new_cache(16))
+    pool = model.new_pool(2, 16)
+    model.forward_batch(torch.tensor(PROMPT), torch.arange(len(PROMPT)), pool.batch([Part(pool.allocate(16), 6)]))
     assert seen and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # the user's setting is left as it was

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from offload_infer.kv_cache import KVCache
+from offload_infer.kv_pool import BatchAttention
 
 
 def causal_mask(start: int, n: int, device: torch.device) -> Tensor:
@@ -76,13 +77,16 @@ def attention_backends(device: torch.device) -> AbstractContextManager:
 
 
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, start: int, mask: Tensor
+    q: Tensor, k: Tensor, v: Tensor, cache: KVCache | BatchAttention, layer: int, start: int, mask: Tensor | None
 ) -> Tensor:
-    """Attention of new tokens over cache slots ``[0, start + N)``.
+    """Attention of new tokens over cache slots ``[0, start + N)``, or of a batch of requests over
+    their own slots in a shared pool (``BatchAttention``, which holds its own masks).
 
     q ``[N, H, D]``, k/v ``[N, KV, D]`` (stored into the cache at ``start``), mask ``[N, start + N]``
     bool (True = visible). Returns ``[N, H * D]``.
     """
+    if isinstance(cache, BatchAttention):
+        return cache.attend(layer, q, k, v)
     n, n_heads, head_dim = q.shape
     keys, values = cache.write(layer, start, k.transpose(0, 1), v.transpose(0, 1))  # [KV, S, D]
     out = F.scaled_dot_product_attention(
@@ -93,3 +97,8 @@ def attend(
         enable_gqa=keys.shape[0] != n_heads,
     )  # [1, H, N, D]
     return out[0].transpose(0, 1).reshape(n, n_heads * head_dim)
+
+
+def head_rows(cache: KVCache | BatchAttention, x: Tensor) -> Tensor:
+    """The rows of ``x`` ``[N, h]`` whose logits the forward returns (a batch may want only some)."""
+    return cache.head_rows(x) if isinstance(cache, BatchAttention) else x

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from offload_infer.kv_cache import KVCache
+from offload_infer.kv_pool import BatchAttention, KVPool
 from offload_infer.models.attention import attention_backends, causal_mask
 
 
@@ -83,6 +84,33 @@ class CausalLM:
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, max_len, self.device, self.dtype)
+
+    def new_pool(self, n_blocks: int, block_size: int) -> KVPool:
+        c = self.config
+        return KVPool(c.n_layers, c.n_kv_heads, c.head_dim, n_blocks, block_size, self.device, self.dtype)
+
+    def slot_bytes(self) -> int:
+        """Bytes one token's keys and values take in a KV cache or pool."""
+        c = self.config
+        return KVPool.slot_bytes(c.n_layers, c.n_kv_heads, c.head_dim, self.dtype)
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens: Tensor, positions: Tensor, batch: BatchAttention) -> Tensor:
+        """Logits (fp32) for the new tokens of several requests flattened into ``tokens`` ``[N]``
+        (``batch`` from ``KVPool.batch`` knows whose each is): ``[N, V]``, or ``[M, V]`` for the rows
+        ``batch.logit_rows`` names."""
+        if tokens.numel() == 0:
+            raise ValueError("forward needs at least one token")
+        if int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the model's context of "
+                f"{self.config.max_position_embeddings} tokens"
+            )
+        tokens = tokens.to(self.device, non_blocking=True)
+        positions = positions.to(self.device, non_blocking=True)
+        with attention_backends(self.device):
+            logits = self.config.forward(self.weights, tokens, positions, batch, 0, None)
+        return logits.float()
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor | None = None) -> Tensor:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from offload_infer.kv_cache import KVCache
-from offload_infer.models.attention import apply_rope, attend, rope_cos_sin, rope_inv_freq, rope_inv_freq_on
+from offload_infer.models.attention import apply_rope, attend, head_rows, rope_cos_sin, rope_inv_freq, rope_inv_freq_on
 from offload_infer.models.base import ModelWeights
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
@@ -141,6 +141,7 @@ class LlamaConfig:
             gate = act(F.linear(h, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias")))
             up = F.linear(h, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
             x = x + F.linear(gate * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
+        x = head_rows(cache, x)  # [M, h]
         x = rms_norm(x, g["model.norm.weight"], self.rms_norm_eps)
         head = g["model.embed_tokens.weight"] if self.tie_word_embeddings else g["lm_head.weight"]
         return F.linear(x, head)  # [N, V]

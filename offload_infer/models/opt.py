@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from offload_infer.kv_cache import KVCache
-from offload_infer.models.attention import attend
+from offload_infer.models.attention import attend, head_rows
 from offload_infer.models.base import ModelWeights
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
@@ -134,6 +134,7 @@ class OPTConfig:
             x = x + y
             if not self.do_layer_norm_before:
                 x = F.layer_norm(x, (h,), *ln2, eps)
+        x = head_rows(cache, x)  # [M, h]
         if self.final_layer_norm:
             x = F.layer_norm(x, (h,), g[_P + "final_layer_norm.weight"], g[_P + "final_layer_norm.bias"], eps)
         if self.projects:

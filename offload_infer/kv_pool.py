@@ -1,0 +1,185 @@
+"""A paged key/value pool shared by every running request, and the batched attention over it.
+
+Storage per model: ``k``/``v`` ``[n_layers, n_kv_heads, slots, head_dim]``, the slots cut into blocks
+(block_manager.py). A request's ``SeqKV`` maps its logical positions to pool slots and keeps the
+same committed prefix / pending tail as ``KVCache``: slots ``[0, length)`` hold committed tokens,
+``[length, length + pending)`` what was processed since the last commit (a token tree, a prefill
+chunk). ``commit`` keeps chosen pending entries right after the committed prefix.
+
+One forward serves many requests: their new tokens are flattened into one ``[N]`` sequence (the dense
+layers see only real tokens) and ``BatchAttention`` stands in for the cache in a family's forward: it
+writes each token's key/value at its request's slot, then attends per request in one padded
+``[B, H, Nb, S]`` call (``Nb`` the most new tokens of any request, ``S`` its longest context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from offload_infer.block_manager import BlockManager
+from offload_infer.kv_cache import ContextOverflowError
+
+
+@dataclass
+class SeqKV:
+    """One request's place in a pool."""
+
+    blocks: list[int]
+    slots: Tensor  # [capacity] long: the pool slot of each logical position
+    length: int = 0  # committed tokens
+    pending: int = 0  # tokens written since the last commit
+
+    @property
+    def capacity(self) -> int:
+        return self.slots.numel()
+
+    @property
+    def end(self) -> int:
+        return self.length + self.pending
+
+    def commit_all(self) -> None:
+        self.length += self.pending
+        self.pending = 0
+
+    def reserve(self, n: int) -> int:
+        start = self.end
+        if start + n > self.capacity:
+            raise ContextOverflowError(f"sequence of {start + n} tokens exceeds its reserved {self.capacity} slots")
+        self.pending += n
+        return start
+
+
+@dataclass
+class Part:
+    """One request's share of a batched forward: ``n`` new tokens after its pending tail, and what they
+    see: ``mask`` ``[n, end + n]`` bool (True = visible), or causal when None."""
+
+    seq: SeqKV
+    n: int
+    mask: Tensor | None = None
+    start: int = field(default=-1, init=False)
+
+
+class KVPool:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_blocks: int, block_size: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        self.blocks = BlockManager(n_blocks, block_size)
+        # one block more than the manager hands out: padding rows of a static forward write there
+        shape = (n_layers, n_kv_heads, (n_blocks + 1) * block_size, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.device = torch.device(device)
+        self.scratch = n_blocks * block_size  # first slot of the scratch block
+
+    @staticmethod
+    def slot_bytes(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of one slot (key and value, every layer)."""
+        return 2 * n_layers * n_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def allocate(self, capacity: int) -> SeqKV:
+        blocks = self.blocks.allocate(capacity)
+        bs = self.blocks.block_size
+        slots = (torch.tensor(blocks)[:, None] * bs + torch.arange(bs)[None, :]).flatten()[:capacity]
+        return SeqKV(blocks, slots)
+
+    def free(self, seq: SeqKV) -> None:
+        self.blocks.free(seq.blocks)
+        seq.blocks = []
+
+    def commit(self, items: list[tuple[SeqKV, list[int]]]) -> None:
+        """Keep, for each sequence, its pending entries at ``indices`` (relative to its pending tail), in
+        that order, right after its committed prefix; one copy over every layer for all of them."""
+        src, dst = [], []
+        for seq, indices in items:
+            m = len(indices)
+            assert m <= seq.pending, f"committing {m} of {seq.pending} pending entries"
+            assert all(0 <= i < seq.pending for i in indices), f"commit index out of range: {indices}"
+            if list(indices) != list(range(m)):
+                src.append(seq.slots[seq.length + torch.tensor(indices, dtype=torch.long)])
+                dst.append(seq.slots[seq.length: seq.length + m])
+            seq.length += m
+            seq.pending = 0
+        if src:
+            s, d = torch.cat(src).to(self.device), torch.cat(dst).to(self.device)
+            # index_select copies first, so a source slot that is also a destination is read intact
+            self.k[:, :, d] = self.k.index_select(2, s)
+            self.v[:, :, d] = self.v.index_select(2, s)
+
+    def batch(self, parts: list[Part], shape: tuple[int, int, int] | None = None) -> "BatchAttention":
+        """Reserve each part's slots and build the index tensors of one batched forward. With ``shape``
+        ``(B, Nb, S)`` (at least the parts' own) the layout is padded to it, as a replayed CUDA graph needs:
+        the new tokens go in as ``[B * Nb]`` rows, request ``i``'s at rows ``i * Nb + r``; padding rows
+        write to the scratch block and see one slot, so they stay finite and are dropped."""
+        for p in parts:
+            p.start = p.seq.reserve(p.n)
+        b, nb, s = len(parts), max(p.n for p in parts), max(p.start + p.n for p in parts)
+        if shape is not None:
+            assert shape[0] >= b and shape[1] >= nb and shape[2] >= s, f"padded shape {shape} < {(b, nb, s)}"
+            b, nb, s = shape
+        real_rows = torch.cat([i * nb + torch.arange(p.n) for i, p in enumerate(parts)])  # [N] -> padded row
+        new_slots = torch.cat([p.seq.slots[p.start: p.start + p.n] for p in parts])  # [N]
+        if shape is None:
+            write, rows = new_slots, real_rows
+        else:
+            write = torch.full((b * nb,), self.scratch, dtype=torch.long)
+            write[real_rows] = new_slots
+            rows = torch.arange(b * nb)
+        gather = torch.full((b, s), self.scratch, dtype=torch.long)  # [B, S] slots each request attends over
+        mask = torch.zeros(b, nb, s, dtype=torch.bool)  # [B, Nb, S]
+        for i, p in enumerate(parts):
+            end = p.start + p.n
+            gather[i, :end] = p.seq.slots[:end]
+            if p.mask is None:
+                mask[i, : p.n, :end] = torch.arange(end)[None, :] <= (p.start + torch.arange(p.n))[:, None]
+            else:
+                assert p.mask.shape == (p.n, end), f"mask {tuple(p.mask.shape)} for {p.n} tokens after {p.start}"
+                mask[i, : p.n, :end] = p.mask
+        mask[..., 0] |= ~mask.any(-1)  # padding rows see one slot: finite, and dropped
+        dev = self.device
+        out = BatchAttention(self, write.to(dev), rows.to(dev), gather.to(dev), mask.to(dev), b, nb)
+        out.real_rows = real_rows
+        return out
+
+
+class BatchAttention:
+    """Stands in for the KV cache inside a family's forward when it serves a batch of requests."""
+
+    def __init__(self, pool: KVPool, write: Tensor, rows: Tensor, gather: Tensor, mask: Tensor, b: int,
+                 nb: int, logit_rows: Tensor | None = None) -> None:
+        self.pool = pool
+        self.write_slots = write  # [N] pool slot of each new token
+        self.rows = rows  # [N] its row in the padded [B * Nb] query layout
+        self.gather = gather  # [B, S] pool slots each request attends over
+        self.mask = mask  # [B, Nb, S] bool
+        self.b, self.nb = b, nb
+        self.logit_rows = logit_rows  # [M] rows whose logits are wanted (None: all)
+        self.padded = rows.numel() == b * nb  # every request has Nb new tokens: no scatter needed
+        self.real_rows: Tensor | None = None  # [N] (host) padded row of each real token, when built by batch()
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q ``[N, H, D]``, k/v ``[N, KV, D]`` (stored at the tokens' slots). Returns ``[N, H * D]``."""
+        n, n_heads, head_dim = q.shape
+        kl, vl = self.pool.k[layer], self.pool.v[layer]  # [KV, slots, D]
+        kl.index_copy_(1, self.write_slots, k.transpose(0, 1))
+        vl.index_copy_(1, self.write_slots, v.transpose(0, 1))
+        b, nb, s = self.b, self.nb, self.gather.shape[1]
+        n_kv = kl.shape[0]
+        keys = kl.index_select(1, self.gather.flatten()).view(n_kv, b, s, head_dim).transpose(0, 1)  # [B, KV, S, D]
+        values = vl.index_select(1, self.gather.flatten()).view(n_kv, b, s, head_dim).transpose(0, 1)
+        if self.padded:
+            qp = q
+        else:
+            qp = q.new_zeros(b * nb, n_heads, head_dim).index_copy_(0, self.rows, q)  # [B*Nb, H, D]
+        qp = qp.view(b, nb, n_heads, head_dim).transpose(1, 2)  # [B, H, Nb, D]
+        out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=self.mask[:, None],
+                                             enable_gqa=n_kv != n_heads)  # [B, H, Nb, D]
+        out = out.transpose(1, 2).reshape(b * nb, n_heads * head_dim)  # [B*Nb, H*D]
+        return out if self.padded else out.index_select(0, self.rows)
+
+    def head_rows(self, x: Tensor) -> Tensor:
+        """The hidden states whose logits are wanted, ``[M, h]`` of ``[N, h]``."""
+        return x if self.logit_rows is None else x.index_select(0, self.logit_rows)
