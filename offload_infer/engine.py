@@ -163,12 +163,13 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.unfinished > 0
 
-    def _can_allocate(self, seq: Sequence) -> bool:
-        return all(pool.blocks.can_allocate(need) for pool, need in self._needs(seq.llm_slots))
-
-    def _admit(self, seq: Sequence) -> None:
+    def _allocate(self, seq: Sequence) -> bool:
+        """Give a request its KV in every pool, if every pool has room."""
+        if not all(pool.blocks.can_allocate(need) for pool, need in self._needs(seq.llm_slots)):
+            return False
         seq.kv = self.pool.allocate(seq.llm_slots)
         seq.drafts = [d.admit(seq.llm_slots, seq.prompt) for d in self.drafters]
+        return True
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
@@ -182,8 +183,7 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """One LLM pass for every running request; returns each request's new tokens and whether it ended."""
-        for seq in self.scheduler.admit(self._can_allocate):
-            self._admit(seq)
+        self.scheduler.admit(self._allocate)
         if not self.scheduler.running:
             if self.scheduler.waiting:
                 raise AssertionError("nothing runs although requests wait: the pool cannot hold the first")

@@ -50,10 +50,10 @@ class Scheduler:
                 return seq
         return None
 
-    def admit(self, can_allocate: Callable[[Sequence], bool]) -> list[Sequence]:
-        """Move waiting requests into the batch, in arrival order, while they fit."""
+    def admit(self, allocate: Callable[[Sequence], bool]) -> list[Sequence]:
+        """Move waiting requests into the batch, in arrival order, while ``allocate`` finds them room."""
         admitted = []
-        while self.waiting and len(self.running) < self.max_batch_size and can_allocate(self.waiting[0]):
+        while self.waiting and len(self.running) < self.max_batch_size and allocate(self.waiting[0]):
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)

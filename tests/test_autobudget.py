@@ -211,3 +211,40 @@ def test_drafting_time_follows_the_content_it_grows():
     for seed in (1, 2, 3):
         best = max(run(seed, fixed=b) for b in (1, 2, 4, 8, 16, 32, 64, 128, 256))
         assert run(seed) >= 0.9 * best, seed
+
+
+def star(b: int) -> TokenTree:
+    t = TokenTree.root(0)
+    for i in range(b):
+        t.add(i + 1, 0, 0.5 / b)
+    return t
+
+
+def test_auto_turns_drafting_off_when_it_does_not_pay():
+    """Nothing accepted and drafting (two SSM forwards: the root, then its children) costs a third of a
+    step: plain decoding (budget 0) is faster, and auto chooses it, drafting the smallest tree now and
+    then to see whether that changed."""
+    auto = AutoBudget(max_budget=64)
+    chosen = []
+    for _ in range(200):
+        b = auto.choose()
+        chosen.append(b)
+        if b == 0:
+            auto.observe_plain(0.2)
+        else:
+            auto.observe(b, star(b), [0], 0.3 + 0.001 * b, 0.1 + 0.001 * b)
+    assert chosen[-100:].count(0) >= 80
+    assert 0 < sum(1 for b in chosen[-100:] if b) <= 20  # the probes
+
+
+def test_auto_keeps_drafting_when_it_pays():
+    auto = AutoBudget(max_budget=64)
+    chosen = []
+    for _ in range(200):
+        b = auto.choose()
+        chosen.append(b)
+        if b == 0:
+            auto.observe_plain(0.2)
+        else:
+            auto.observe(b, chain(b, 0.9), list(range(b + 1)), 0.21 + 0.001 * b, 0.01)
+    assert chosen[-100:].count(0) == 0
