@@ -83,6 +83,13 @@ def generate(
     quant_codec: Optional[str] = typer.Option(None, help="Codec: nf4, fp4, int8-row, int8-block (overrides the flags)."),
     quant_block_size: int = typer.Option(64, help="Elements per scale for block codecs."),
     offload_ring_slots: int = typer.Option(2, min=1, help="Device buffers streamed layers rotate through."),
+    max_batch_size: int = typer.Option(8, min=1, help="Most requests served together (one LLM pass per step for all)."),
+    max_batch_tokens: int = typer.Option(2048, min=1, help="Most tokens (trees and prompt chunks) in one LLM pass."),
+    kv_cache_size: Optional[str] = typer.Option(None, help="LLM KV pool size (MB, or K/M/G suffix); default: "
+                                                "room for min(--max-batch-size, prompts) requests of the maximum length."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop when the output contains this text (repeatable)."),
+    stats_file: Optional[Path] = typer.Option(None, help="Write the aggregate figures (tokens/s, tokens per pass, "
+                                              "batch sizes) as JSON."),
     enforce_eager: bool = typer.Option(False, help="Run the SSMs eagerly instead of replaying CUDA graphs."),
     output_file: Optional[Path] = typer.Option(None, help="Write results as a JSON list."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of streaming text."),
@@ -90,9 +97,9 @@ def generate(
     """Generate text for a prompt (greedy by default), with token-tree speculation when --ssm is given."""
     import torch
 
-    from offload_infer.engine import Engine
+    from offload_infer.engine import BLOCK_SIZE, Engine
     from offload_infer.requests import RequestManager
-    from offload_infer.sampling import SamplingConfig
+    from offload_infer.sampling import SamplingParams
     from offload_infer.speculate import TreeConfig, shared_vocab_size
     from offload_infer.offload import OffloadBuilder, parse_size
     from weights.load import load_model, resident_layers
@@ -100,7 +107,10 @@ def generate(
 
     prompts = _prompts(prompt, prompt_file)
     try:
-        sampling = SamplingConfig(temperature, top_k, top_p)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop=tuple(stop))
+        if max_batch_tokens < max_batch_size:
+            raise ValueError(f"--max-batch-tokens ({max_batch_tokens}) must be at least --max-batch-size "
+                             f"({max_batch_size})")
         auto = tree_budget.strip().lower() == "auto"
         if not auto and not tree_budget.strip().isdigit():
             raise ValueError(f"--tree-budget must be a positive integer or 'auto', got {tree_budget!r}")
@@ -119,10 +129,13 @@ def generate(
         resolved = resolve(llm if llm_weight is None else None, str(llm_weight) if llm_weight else None,
                            str(llm_config) if llm_config else None, str(tokenizer) if tokenizer else None)
         builder = resident_layers
+        # the KV pool: --kv-cache-size, or room for as many full-length requests as run together
+        kv_bytes = parse_size(kv_cache_size) if kv_cache_size else None
+        per_request = (max_sequence_length or 2048) + tree_cfg.max_nodes * len(ssm) + 1
+        kv_tokens = min(max_batch_size, len(prompts)) * -(-per_request // BLOCK_SIZE) * BLOCK_SIZE
         if offload:
-            kv_tokens = (max_sequence_length or 2048) + tree_cfg.max_nodes * len(ssm) + 1
             builder = OffloadBuilder(parse_size(offload_reserve_space_size), codec, quant_block_size,
-                                     offload_ring_slots, kv_tokens=kv_tokens)
+                                     offload_ring_slots, kv_bytes=kv_bytes or 0, kv_tokens=0 if kv_bytes else kv_tokens)
         main = load_model(resolved, device=dev, dtype=dtype, model_type=llm_model, layer_builder=builder)
         tok = main.tokenizer
         if tok is None:
@@ -137,29 +150,61 @@ def generate(
                                                  main.model.vocab_size, loaded.model.vocab_size, name))
             ssms.append(loaded.model)
         context = main.model.config.max_position_embeddings
-        engine = Engine(main.model, ssms, tree_cfg, max_sequence_length or min(2048, context), tok.eos_ids,
-                        min(vocab, main.model.vocab_size), ssm_static=False if enforce_eager else None)
+        max_len = max_sequence_length or min(2048, context)
+        engine = Engine(main.model, ssms, tree_cfg, max_len, tok.eos_ids, min(vocab, main.model.vocab_size),
+                        ssm_static=False if enforce_eager else None, max_batch_size=max_batch_size,
+                        max_batch_tokens=max_batch_tokens, kv_cache_size=kv_bytes or kv_tokens * main.model.slot_bytes(),
+                        detokenize=tok.decode)
         use_chat = bool(tok.chat_template) if chat is None else chat
         if use_chat and not tok.chat_template:
             raise ValueError(f"{llm} has no chat template; use --no-chat")
-        rm = RequestManager(engine, tok, chat=use_chat, sampling=sampling, max_new_tokens=max_new_tokens, seed=seed)
+        rm = RequestManager(engine, tok, chat=use_chat, params=params)
         for p in prompts:  # all prompts are checked before the first is served
             rm.register_new_request(p)
-        stream = None if as_json else (lambda guid, text: (sys.stdout.write(text), sys.stdout.flush()))
-        results = []
-        while rm.pending:
-            results.extend(rm.serve(stream, limit=1))
-            if not as_json:
+        one = len(prompts) == 1
+        stream = (lambda guid, text: (sys.stdout.write(text), sys.stdout.flush())) if one and not as_json else None
+        results = rm.serve(stream)
+        if not as_json:
+            for i, r in enumerate(results):
+                if not one:
+                    sys.stdout.write(f"--- {i + 1}/{len(results)} ---\n{r['output_text']}")
                 sys.stdout.write("\n")
     except (ValueError, OSError, RuntimeError) as e:
         _err(str(e))
     for r in results:
         typer.echo(f"[{r['llm_passes']} LLM passes, {len(r['output_token_ids'])} tokens, "
-                   f"{r['tokens_per_s']:.2f} tokens/s, {r['tokens_per_pass_mean']:.2f} tokens/pass]", err=True)
+                   f"{r['tokens_per_s']:.2f} tokens/s, {r['tokens_per_pass_mean']:.2f} tokens/pass, "
+                   f"first token {r['time_to_first_token_s']:.2f} s, {r['finish_reason']}]", err=True)
+    aggregate = _aggregate(results, rm.batch_sizes, rm.wall_s)
+    if len(results) > 1:
+        typer.echo(f"[{aggregate['requests']} requests: {aggregate['tokens']} tokens in {aggregate['wall_s']:.2f} s, "
+                   f"{aggregate['tokens_per_s']:.2f} tokens/s, {aggregate['tokens_per_pass']:.2f} tokens/pass, "
+                   f"{aggregate['llm_passes']} LLM passes, batch size mean {aggregate['batch_size_mean']:.1f} "
+                   f"max {aggregate['batch_size_max']}]", err=True)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
     if output_file is not None:
         output_file.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    if stats_file is not None:
+        stats_file.write_text(json.dumps(aggregate, indent=2), encoding="utf-8")
+
+
+def _aggregate(results: list[dict], batch_sizes: list[int], wall_s: float) -> dict:
+    """Figures over a whole served batch: tokens/s, tokens per LLM pass, batch size per pass."""
+    tokens = sum(len(r["output_token_ids"]) for r in results)
+    passes = len(batch_sizes)
+    return {
+        "requests": len(results),
+        "tokens": tokens,
+        "wall_s": wall_s,
+        "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "llm_passes": passes,
+        "tokens_per_pass": tokens / passes if passes else 0.0,
+        "batch_size_mean": sum(batch_sizes) / passes if passes else 0.0,
+        "batch_size_max": max(batch_sizes, default=0),
+        "batch_sizes": batch_sizes,
+        "time_to_first_token_s_mean": sum(r["time_to_first_token_s"] or 0.0 for r in results) / max(1, len(results)),
+    }
 
 
 @app.command()

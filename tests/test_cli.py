@@ -114,3 +114,26 @@ def test_offload_flags(tiny_dirs, tmp_path):
     assert noff.exit_code != 0 and "--offload" in noff.output
     bad = run("generate", "hi", "-m", d, "--offload", "--offload-reserve-space-size", "lots")
     assert bad.exit_code != 0 and "invalid size" in bad.output
+
+
+def test_prompt_file_is_served_batched(tiny_dirs, tmp_path):
+    d = tiny_dirs["llama"][0]
+    texts = ["The quick", "def add(a, b):", "Pack my box with five dozen"]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(texts))
+    stats, out = tmp_path / "stats.json", tmp_path / "out.json"
+    r = run("generate", "--prompt-file", prompts, "-m", d, "-n", 10, "--no-chat", "--ssm", d, "--max-batch-size", 2,
+            "--max-batch-tokens", 24, "--output-file", out, "--stats-file", stats)
+    assert r.exit_code == 0, r.output
+    agg = json.loads(stats.read_text())
+    assert agg["requests"] == 3 and agg["batch_size_max"] == 2 and agg["tokens_per_pass"] > 1
+    assert agg["tokens"] == sum(len(x["output_token_ids"]) for x in json.loads(out.read_text()))
+    assert "tokens/s" in r.stderr and "batch size mean" in r.stderr
+    for text, res in zip(texts, json.loads(out.read_text())):
+        single = run("generate", text, "-m", d, "-n", 10, "--no-chat", "--json")
+        assert json.loads(single.stdout)[0]["output_token_ids"] == res["output_token_ids"]
+        assert res["time_to_first_token_s"] > 0 and res["finish_reason"] in ("stop", "length")
+    bad = run("generate", "hi", "-m", d, "--max-batch-size", 4, "--max-batch-tokens", 2)
+    assert bad.exit_code != 0 and "--max-batch-tokens" in bad.output
+    bad = run("generate", "hi", "-m", d, "--kv-cache-size", "1K", "--no-chat")
+    assert bad.exit_code != 0 and "less than one block" in bad.output
