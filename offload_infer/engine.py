@@ -34,6 +34,14 @@ from offload_infer.verify import verify
 BLOCK_SIZE = 16  # KV slots per pool block
 
 
+def _default_kv_cap(device: torch.device) -> int:
+    """Bytes a default KV pool may take: half the free GPU memory, or 4 GiB of host memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 4 << 30
+
+
 class PromptTooLongError(ValueError):
     pass
 
@@ -71,7 +79,7 @@ class Engine:
         detokenize: Callable[[list[int]], str] | None = None,
     ) -> None:
         """``kv_cache_size``: bytes of the LLM's KV pool (default: room for ``max_batch_size`` requests
-        of ``max_sequence_length``); the SSMs' pools hold as many requests. ``detokenize`` turns token
+        of ``max_sequence_length``, within half the free GPU memory or 4 GiB on the CPU); the SSMs' pools hold as many requests. ``detokenize`` turns token
         ids into text, needed for stop strings. ``ssm_static``: draft with padded fixed-shape SSM forwards
         (CUDA graphs on a GPU); default: whenever an SSM is resident on a CUDA device."""
         self.llm = llm
@@ -91,6 +99,8 @@ class Engine:
         full = max_sequence_length + self.spec_nodes + 1  # LLM slots of a request as long as allowed
         if kv_cache_size is None:
             n_blocks = max_batch_size * -(-full // BLOCK_SIZE)
+            cap = _default_kv_cap(llm.device) // (llm.slot_bytes() * BLOCK_SIZE)
+            n_blocks = max(-(-full // BLOCK_SIZE), min(n_blocks, cap))  # at least one request of full length
         else:
             n_blocks = kv_cache_size // (llm.slot_bytes() * BLOCK_SIZE)
             if n_blocks < 1:
@@ -213,7 +223,7 @@ class Engine:
         offset = 0
         for s, tree in zip(plan.decode, trees):
             past = s.kv.end
-            parts.append(Part(s.kv, len(tree), None if len(tree) == 1 else tree.attention_mask(past)))
+            parts.append(Part(s.kv, len(tree), ancestors=None if len(tree) == 1 else tree.ancestor_mask()))
             tokens.append(tree.token_tensor())
             positions.append(past + tree.depth_tensor())
             rows.append(torch.arange(offset, offset + len(tree)))

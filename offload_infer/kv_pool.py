@@ -56,11 +56,13 @@ class SeqKV:
 @dataclass
 class Part:
     """One request's share of a batched forward: ``n`` new tokens after its pending tail, and what they
-    see: ``mask`` ``[n, end + n]`` bool (True = visible), or causal when None."""
+    see: ``mask`` ``[n, end + n]`` bool (True = visible); or every earlier slot and, among themselves,
+    ``ancestors`` ``[n, n]`` (a token tree); or, when both are None, causal."""
 
     seq: SeqKV
     n: int
     mask: Tensor | None = None
+    ancestors: Tensor | None = None
     start: int = field(default=-1, init=False)
 
 
@@ -133,7 +135,10 @@ class KVPool:
         for i, p in enumerate(parts):
             end = p.start + p.n
             gather[i, :end] = p.seq.slots[:end]
-            if p.mask is None:
+            if p.ancestors is not None:
+                mask[i, : p.n, : p.start] = True
+                mask[i, : p.n, p.start: end] = p.ancestors
+            elif p.mask is None:
                 mask[i, : p.n, :end] = torch.arange(end)[None, :] <= (p.start + torch.arange(p.n))[:, None]
             else:
                 assert p.mask.shape == (p.n, end), f"mask {tuple(p.mask.shape)} for {p.n} tokens after {p.start}"

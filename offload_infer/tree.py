@@ -74,12 +74,12 @@ class TokenTree:
     def ancestor_mask(self) -> Tensor:
         """``[T, T]`` bool: node i sees node j iff j is i or one of its ancestors."""
         n = len(self)
-        mask = torch.eye(n, dtype=torch.bool)
-        parents, depths = self.parent_tensor(), self.depth_tensor()
-        for d in range(1, max(self.depths) + 1):  # one level at a time: parents' rows are complete
-            rows = (depths == d).nonzero().squeeze(1)
-            mask[rows] |= mask[parents[rows]]
-        return mask
+        bits = [0] * n  # bit j of bits[i]: node j is i or an ancestor of i (parents come first)
+        for i in range(n):
+            bits[i] = (bits[self.parents[i]] if i else 0) | (1 << i)
+        packed = torch.tensor([[(b >> (8 * k)) & 0xFF for k in range((n + 7) // 8)] for b in bits], dtype=torch.uint8)
+        shifts = torch.arange(8, dtype=torch.uint8)
+        return ((packed[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :n]  # [T, T]
 
     def attention_mask(self, past: int) -> Tensor:
         """``[T, past + T]``: every node sees the committed prefix and its own ancestors."""

@@ -30,6 +30,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_offload import CODEC, SHAPES, build  # noqa: E402
 
 
+_RESIDUAL_OUT = {"llama": ("self_attn.o_proj.weight", "mlp.down_proj.weight"),
+                 "opt": ("self_attn.out_proj.weight", "fc2.weight")}
+
+
 def agreeing_weights(config, eps: float, ssm_layers: int, head_scale: float, device: torch.device,
                      dtype: torch.dtype, generator: torch.Generator, codec: str | None = None):
     """The pair's weights: the globals (shared), an iterator over the LLM's layers (drawn as it is
@@ -41,7 +45,8 @@ def agreeing_weights(config, eps: float, ssm_layers: int, head_scale: float, dev
                     else torch.ones(s, device=device, dtype=dtype)) for k, s in shapes.items()}
 
     glob = draw(config.global_shapes())
-    glob["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"] *= head_scale
+    head = next(k for k in glob if k.endswith("embed_tokens.weight")) if config.tie_word_embeddings else "lm_head.weight"
+    glob[head] *= head_scale
     kept: list[dict] = []
 
     def layers():
@@ -53,9 +58,9 @@ def agreeing_weights(config, eps: float, ssm_layers: int, head_scale: float, dev
 
                     w = {k: dequantize(*quantize(t, codec, 64), dtype) if t.dim() == 2 else t for k, t in w.items()}
                 kept.append({k: t.clone() for k, t in w.items()})
-            else:
-                w["self_attn.o_proj.weight"] *= eps
-                w["mlp.down_proj.weight"] *= eps
+            else:  # the later layers barely move the residual stream: the LLM stays close to the SSM
+                for name in _RESIDUAL_OUT.get(config.model_type, _RESIDUAL_OUT["llama"]):
+                    w[name] *= eps
             yield w
 
     return glob, layers(), kept
@@ -69,16 +74,17 @@ def ssm_of(shape: dict, glob: dict, kept: list[dict], device: torch.device, dtyp
     return CausalLM(cfg, ModelWeights(glob, ResidentLayers(kept)), device, dtype)
 
 
-def agreeing_pair(shape: str, precision: str, reserve: int, eps: float, ssm_layers: int, head_scale: float,
-                  dtype: torch.dtype = torch.float16):
+def agreeing_pair(shape: str | dict, precision: str, reserve: int, eps: float, ssm_layers: int, head_scale: float,
+                  dtype: torch.dtype = torch.float16, device: str = "cuda"):
     from offload_infer.models import config_from_dict
 
-    dev = torch.device("cuda")
-    config = config_from_dict(SHAPES[shape])
+    dev = torch.device(device)
+    shape_dict = SHAPES[shape] if isinstance(shape, str) else shape
+    config = config_from_dict(shape_dict)
     gen = torch.Generator(device=dev).manual_seed(0)
     glob, layers, kept = agreeing_weights(config, eps, ssm_layers, head_scale, dev, dtype, gen, CODEC[precision])
-    llm, plan, _ = build(shape, precision, reserve, layers=layers, globals_=glob, dtype=dtype)
-    return llm, ssm_of(SHAPES[shape], glob, kept, dev, dtype), plan
+    llm, plan, _ = build(shape_dict, precision, reserve, layers=layers, globals_=glob, dtype=dtype, device=device)
+    return llm, ssm_of(shape_dict, glob, kept, dev, dtype), plan
 
 
 def decode(llm, ssms, tree, prompts, new: int) -> dict:

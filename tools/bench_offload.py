@@ -50,26 +50,27 @@ def h2d_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
     return nbytes / statistics.median(times[1:])
 
 
-def random_layers(config, dtype):
+def random_layers(config, dtype, device: str = "cuda"):
     for _ in range(config.n_layers):
-        yield {k: (torch.randn(s, device="cuda", dtype=dtype) * 0.02 if len(s) == 2
-                   else torch.ones(s, device="cuda", dtype=dtype)) for k, s in config.layer_shapes().items()}
+        yield {k: (torch.randn(s, device=device, dtype=dtype) * 0.02 if len(s) == 2
+                   else torch.ones(s, device=device, dtype=dtype)) for k, s in config.layer_shapes().items()}
 
 
-def build(shape: str, precision: str, reserve: int, ring: int = 2, resident_compressed: bool = True,
-          layers=None, globals_=None, dtype: torch.dtype = torch.float16):
-    """An offloaded model at ``shape`` from ``layers`` (an iterator of layer dicts; default random)."""
+def build(shape: str | dict, precision: str, reserve: int, ring: int = 2, resident_compressed: bool = True,
+          layers=None, globals_=None, dtype: torch.dtype = torch.float16, device: str = "cuda"):
+    """An offloaded model at ``shape`` (a SHAPES name or a config dict) from ``layers`` (an iterator of
+    layer dicts; default random)."""
     from offload_infer.models import CausalLM, ModelWeights, config_from_dict
     from offload_infer.offload import OffloadBuilder
 
-    dev = torch.device("cuda")
-    config = config_from_dict(SHAPES[shape])
+    dev = torch.device(device)
+    config = config_from_dict(SHAPES[shape] if isinstance(shape, str) else shape)
     builder = OffloadBuilder(reserve, CODEC[precision], 64, ring, kv_bytes=2 << 30,
                              resident_compressed=resident_compressed)
     plan = builder.prepare(config, dev, dtype)
     glob = globals_ or {k: torch.randn(s, device=dev, dtype=dtype) * 0.02 for k, s in config.global_shapes().items()}
     t0 = time.perf_counter()
-    layers = builder(config, layers or random_layers(config, dtype), dev, dtype)
+    layers = builder(config, layers or random_layers(config, dtype, device), dev, dtype)
     build_s = time.perf_counter() - t0
     return CausalLM(config, ModelWeights(glob, layers), dev, dtype), plan, build_s
 
