@@ -6,7 +6,10 @@ ends in a replacement character (an incomplete multi-byte sequence) — the appr
 
 from __future__ import annotations
 
-from weights.tokenizer import Tokenizer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the runtime does not import the weights package
+    from weights.tokenizer import Tokenizer
 
 
 class StreamDecoder:

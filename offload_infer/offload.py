@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from offload_infer.models.base import FamilyConfig
+from offload_infer.models.base import FamilyConfig, dense_layer
 from quant.codecs import QuantState, dequantize, load_backend, packed_nbytes, quantize
-from weights.load import dense_layer
 
 ALIGN = 64  # byte alignment of every tensor inside a layer buffer (keeps dtype views legal and copies fast)
 

@@ -6,11 +6,14 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from offload_infer.detok import StreamDecoder
 from offload_infer.engine import Engine
 from offload_infer.sampling import SamplingConfig, SamplingParams
-from weights.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the runtime does not import the weights package
+    from weights.tokenizer import Tokenizer
 
 
 @dataclass

@@ -27,64 +27,7 @@ from collections import Counter
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_offload import CODEC, SHAPES, build  # noqa: E402
-
-
-_RESIDUAL_OUT = {"llama": ("self_attn.o_proj.weight", "mlp.down_proj.weight"),
-                 "opt": ("self_attn.out_proj.weight", "fc2.weight")}
-
-
-def agreeing_weights(config, eps: float, ssm_layers: int, head_scale: float, device: torch.device,
-                     dtype: torch.dtype, generator: torch.Generator, codec: str | None = None):
-    """The pair's weights: the globals (shared), an iterator over the LLM's layers (drawn as it is
-    consumed), and the list that collects the SSM's layers (the LLM's first ``ssm_layers``, round-tripped
-    through ``codec`` so they equal what the LLM decompresses) while the iterator runs."""
-
-    def draw(shapes: dict) -> dict:
-        return {k: (torch.randn(s, device=device, dtype=dtype, generator=generator) * 0.02 if len(s) == 2
-                    else torch.ones(s, device=device, dtype=dtype)) for k, s in shapes.items()}
-
-    glob = draw(config.global_shapes())
-    head = next(k for k in glob if k.endswith("embed_tokens.weight")) if config.tie_word_embeddings else "lm_head.weight"
-    glob[head] *= head_scale
-    kept: list[dict] = []
-
-    def layers():
-        for i in range(config.n_layers):
-            w = draw(config.layer_shapes())
-            if i < ssm_layers:
-                if codec:  # NF4/int8 round trips are idempotent: the first layers agree exactly
-                    from quant.codecs import dequantize, quantize
-
-                    w = {k: dequantize(*quantize(t, codec, 64), dtype) if t.dim() == 2 else t for k, t in w.items()}
-                kept.append({k: t.clone() for k, t in w.items()})
-            else:  # the later layers barely move the residual stream: the LLM stays close to the SSM
-                for name in _RESIDUAL_OUT.get(config.model_type, _RESIDUAL_OUT["llama"]):
-                    w[name] *= eps
-            yield w
-
-    return glob, layers(), kept
-
-
-def ssm_of(shape: dict, glob: dict, kept: list[dict], device: torch.device, dtype: torch.dtype):
-    """The SSM: the shared globals and the collected first layers."""
-    from offload_infer.models import CausalLM, ModelWeights, ResidentLayers, config_from_dict
-
-    cfg = config_from_dict({**shape, "num_hidden_layers": len(kept)})
-    return CausalLM(cfg, ModelWeights(glob, ResidentLayers(kept)), device, dtype)
-
-
-def agreeing_pair(shape: str | dict, precision: str, reserve: int, eps: float, ssm_layers: int, head_scale: float,
-                  dtype: torch.dtype = torch.float16, device: str = "cuda"):
-    from offload_infer.models import config_from_dict
-
-    dev = torch.device(device)
-    shape_dict = SHAPES[shape] if isinstance(shape, str) else shape
-    config = config_from_dict(shape_dict)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    glob, layers, kept = agreeing_weights(config, eps, ssm_layers, head_scale, dev, dtype, gen, CODEC[precision])
-    llm, plan, _ = build(shape_dict, precision, reserve, layers=layers, globals_=glob, dtype=dtype, device=device)
-    return llm, ssm_of(shape_dict, glob, kept, dev, dtype), plan
+from random_models import agreeing_pair  # noqa: E402
 
 
 def decode(llm, ssms, tree, prompts, new: int) -> dict:

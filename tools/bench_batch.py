@@ -33,8 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_auto_budget import agreeing_pair  # noqa: E402
-from bench_offload import CODEC, SHAPES, build  # noqa: E402
+from random_models import CODEC, SHAPES, agreeing_pair, build  # noqa: E402
 
 SHAPES = {**SHAPES, "tiny": dict(model_type="opt", vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=4,
                                  num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)}

@@ -29,11 +29,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_offload import build, h2d_bandwidth, time_pass  # noqa: E402
+from bench_offload import h2d_bandwidth, time_pass  # noqa: E402
+from random_models import SSM_SHAPE, build, random_resident  # noqa: E402
 from bench_peers import _flexgen_tokenizer, accelerate_model, flexgen_decode, ours_decode  # noqa: E402
 
-SSM_SHAPE = dict(model_type="llama", vocab_size=32000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096)
 PROMPT, NEW = 64, 16
 
 
@@ -62,13 +61,7 @@ def hf_generate_tps(model, assistant=None, runs: int = 2) -> float:
 
 
 def random_ssm(dtype=torch.float16):
-    from offload_infer.models import CausalLM, ModelWeights, ResidentLayers, config_from_dict
-
-    cfg = config_from_dict(SSM_SHAPE)
-    g = {k: torch.randn(s, device="cuda", dtype=dtype) * 0.02 for k, s in cfg.global_shapes().items()}
-    layers = [{k: torch.randn(s, device="cuda", dtype=dtype) * 0.02 for k, s in cfg.layer_shapes().items()}
-              for _ in range(cfg.n_layers)]
-    return CausalLM(cfg, ModelWeights(g, ResidentLayers(layers)), torch.device("cuda"), dtype)
+    return random_resident(SSM_SHAPE, "cuda", dtype)
 
 
 def engine_tps(llm, ssms, tree, runs: int = 3, ssm_static: bool | None = None) -> dict:
@@ -117,19 +110,21 @@ def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: 
 
     out = {}
     for b in budgets:
-        d = Drafter(ssm, max_len, ssm.vocab_size, TreeConfig(budget=b, max_depth=12), static=static)
-        d.capture_graphs()
+        tree_cfg = TreeConfig(budget=b, max_depth=12)
+        d = Drafter(ssm, ssm.vocab_size, tree_cfg, -(-(max_len + tree_cfg.max_processed() + 1) // 16) + 1, 16,
+                    static=static)
+        d.capture_graphs([1], [256])
         captured = d.graphs_captured
-        d.reset(torch.randint(3, 1000, (PROMPT,)).tolist())
+        st = d.admit(max_len, torch.randint(3, 1000, (PROMPT,)).tolist())
         per_round = []
         for r in range(runs + 2):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            tree = d.draft(12, b)
+            tree = d.draft([st], [12], [b])[0]
             torch.cuda.synchronize()
             if r >= 2:
-                per_round.append((time.perf_counter() - t0) / d.calls)
-            d.commit([], tree.tokens[-1])  # drop the tree, queue one token: the next draft starts like a pass's
+                per_round.append((time.perf_counter() - t0) / st.calls)
+            d.commit([(st, [], tree.tokens[-1])])  # drop the tree, queue one token: the next draft starts like a pass's
         assert d.graphs_captured == captured, "a graph was captured while timing"
         out[b] = 1e3 * statistics.median(per_round)
     return out

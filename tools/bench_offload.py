@@ -14,26 +14,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-SHAPES = {
-    "llama-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-    "llama-13b": dict(model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                      num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
-                      max_position_embeddings=4096),
-    "llama-70b": dict(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
-                      num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096),
-    "opt-6.7b": dict(model_type="opt", vocab_size=50272, hidden_size=4096, ffn_dim=16384, num_hidden_layers=32,
-                     num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=4096),
-    "opt-13b": dict(model_type="opt", vocab_size=50272, hidden_size=5120, ffn_dim=20480, num_hidden_layers=40,
-                    num_attention_heads=40, max_position_embeddings=2048, word_embed_proj_dim=5120),
-}
-CODEC = {"fp16": None, "int8": "int8-row", "int4": "nf4"}
+sys.path.insert(0, os.path.dirname(__file__))
+from random_models import build  # noqa: E402
 
 
 def h2d_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
@@ -48,31 +37,6 @@ def h2d_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
         times.append(time.perf_counter() - t0)
     del src, dst
     return nbytes / statistics.median(times[1:])
-
-
-def random_layers(config, dtype, device: str = "cuda"):
-    for _ in range(config.n_layers):
-        yield {k: (torch.randn(s, device=device, dtype=dtype) * 0.02 if len(s) == 2
-                   else torch.ones(s, device=device, dtype=dtype)) for k, s in config.layer_shapes().items()}
-
-
-def build(shape: str | dict, precision: str, reserve: int, ring: int = 2, resident_compressed: bool = True,
-          layers=None, globals_=None, dtype: torch.dtype = torch.float16, device: str = "cuda"):
-    """An offloaded model at ``shape`` (a SHAPES name or a config dict) from ``layers`` (an iterator of
-    layer dicts; default random)."""
-    from offload_infer.models import CausalLM, ModelWeights, config_from_dict
-    from offload_infer.offload import OffloadBuilder
-
-    dev = torch.device(device)
-    config = config_from_dict(SHAPES[shape] if isinstance(shape, str) else shape)
-    builder = OffloadBuilder(reserve, CODEC[precision], 64, ring, kv_bytes=2 << 30,
-                             resident_compressed=resident_compressed)
-    plan = builder.prepare(config, dev, dtype)
-    glob = globals_ or {k: torch.randn(s, device=dev, dtype=dtype) * 0.02 for k, s in config.global_shapes().items()}
-    t0 = time.perf_counter()
-    layers = builder(config, layers or random_layers(config, dtype, device), dev, dtype)
-    build_s = time.perf_counter() - t0
-    return CausalLM(config, ModelWeights(glob, layers), dev, dtype), plan, build_s
 
 
 def time_pass(model, n_tokens: int, runs: int, prefix: int = 64) -> float:

@@ -28,7 +28,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_offload import SHAPES, build, time_pass  # noqa: E402
+from bench_offload import time_pass  # noqa: E402
+from random_models import SHAPES, build  # noqa: E402
 
 
 def accelerate_model(shape: str, reserve: str):

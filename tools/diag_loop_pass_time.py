@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_auto_budget import agreeing_pair  # noqa: E402
+from random_models import agreeing_pair  # noqa: E402
 
 _COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
 

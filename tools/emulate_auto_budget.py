@@ -22,7 +22,7 @@ from collections import Counter
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_auto_budget import agreeing_weights, ssm_of  # noqa: E402
+from random_models import agreeing_weights, ssm_of  # noqa: E402
 
 SHAPE = dict(model_type="llama", vocab_size=32000, hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)
@@ -74,6 +74,13 @@ def main() -> None:
                     observe(b, t, path, s)
 
                 engine.auto.observe = emulated
+                observe_plain = engine.auto.observe_plain
+
+                def emulated_plain(_measured):  # a step that drafted nothing costs the pass alone
+                    s = seconds(0)
+                    spent[0] += s
+                    observe_plain(s)
+                engine.auto.observe_plain = emulated_plain
             stats, out = GenerationStats(), []
             for p in prompts:
                 out += [t for s in engine.generate(p, args.new, stats=stats) for t in s]

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from offload_infer.models import CausalLM, FamilyConfig, ModelWeights, ResidentLayers, config_from_dict
-from offload_infer.models.base import LayerSource
-from quant.codecs import QuantState, dequantize, load_backend, packed_nbytes
+from offload_infer.models.base import LayerSource, dense_layer
+from quant.codecs import QuantState, packed_nbytes
 from weights.compress import compression_of
 from weights.resolve import ResolvedModel
 from weights.sources import CheckpointError, GGUFSource, SafetensorsSource, TensorSource, TorchBinSource, gguf_config
@@ -27,17 +27,6 @@ from weights.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, tokenize
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
 LayerBuilder = Callable[[FamilyConfig, Iterator[dict[str, Tensor]], torch.device, torch.dtype], LayerSource]
-
-
-def dense_layer(w: dict, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    """A layer from ``iter_layers`` as dense tensors on ``device``; packed matrices of a compressed
-    checkpoint (``"__prepacked__"``) are decompressed there."""
-    prepacked = w.pop("__prepacked__", {})
-    if prepacked:
-        load_backend()
-    for k, (p, st) in prepacked.items():
-        w[k] = dequantize(p.to(device), st.with_scales(st.scales.to(device)), dtype)
-    return {k: t.to(device=device, dtype=dtype) for k, t in w.items()}
 
 
 def resident_layers(
