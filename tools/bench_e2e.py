@@ -114,10 +114,11 @@ def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: 
         d = Drafter(ssm, ssm.vocab_size, tree_cfg, -(-(max_len + tree_cfg.max_processed() + 1) // 16) + 1, 16,
                     static=static)
         d.capture_graphs([1], [256])
-        captured = d.graphs_captured
         st = d.admit(max_len, torch.randint(3, 1000, (PROMPT,)).tolist())
-        per_round = []
+        per_round, captured = [], 0
         for r in range(runs + 2):
+            if r == 2:  # the warm-up drafts captured what they needed (the prompt's round, too)
+                captured = d.graphs_captured
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             tree = d.draft([st], [12], [b])[0]
