@@ -87,10 +87,11 @@ class _PerPass:
             self._num[b] = (1 - _GAIN_DECAY) * self._num.get(b, 0.0) + values[b]
             self._den[b] = (1 - _GAIN_DECAY) * self._den.get(b, 0.0) + values[prev]
 
-    def at(self, b: int, default: float) -> float:
+    def at(self, b: int, default: float, optimistic: bool = True) -> float:
         """The figure at budget ``b``. A doubling's gain is measured, blended with a prior of a few passes'
         weight that continues the previous doubling's increase (linearly in doublings), so a budget
-        seen a few times in a hard stretch is tried again before being ruled out."""
+        seen a few times in a hard stretch is tried again before being ruled out. Not ``optimistic``:
+        measured gains only (a doubling never measured gains nothing)."""
         if self.base is None:
             return default
         t, increase = self.base, 0.5 * self.base
@@ -98,7 +99,9 @@ class _PerPass:
             if c > b:
                 break
             prior = 1 + max(increase, 0.05 * t) * math.log2(c / prev) / t
-            weight = _PRIOR_PASSES * t  # the next smaller budget's figure over that many passes
+            weight = _PRIOR_PASSES * t if optimistic else 0.0  # the next smaller budget's figure over that many passes
+            if weight == 0.0 and not self._den.get(c):
+                break
             step = (self._num.get(c, 0.0) + prior * weight) / (self._den.get(c, 0.0) + weight)
             increase = t * (step - 1) / math.log2(c / prev)  # gained per doubling
             t *= step
@@ -207,26 +210,26 @@ class AutoBudget:
             return 1.0
         return self._llm.at(b) + self._per_level.at(b) * self._levels.at(b, 1.0)
 
-    def tokens(self, b: int) -> float:
-        """Estimated tokens per pass at budget ``b``."""
-        return self._tokens.at(b, 1.5)
+    def tokens(self, b: int, optimistic: bool = True) -> float:
+        """Estimated tokens per pass at budget ``b`` (not ``optimistic``: from measured gains alone)."""
+        return self._tokens.at(b, 1.5, optimistic)
 
-    def rate(self, b: int) -> float:
+    def rate(self, b: int, optimistic: bool = True) -> float:
         """Estimated tokens per second at budget ``b``."""
-        return self.tokens(b) / self._seconds(b)
+        return self.tokens(b, optimistic) / self._seconds(b)
 
     def choose(self) -> int:
-        """The budget for the next pass; 0 (no drafting) when drafting does not pay for itself. Without
-        drafting nothing is learnt about trees, so every ``probe_every``-th such pass drafts the
-        smallest tree again."""
+        """The budget for the next pass; 0 (no drafting) when no budget has shown, in what was measured
+        (the optimistic prior left out), a rate above plain decoding's. Without drafting nothing is learnt
+        about trees, so every ``probe_every``-th such pass drafts the best budget's tree again."""
         if not self._llm.value:
             return self.current
         best = max(self.candidates, key=self.rate)
         self._chosen += 1
-        if self.plain_rate() > self.rate(best):
+        if self.plain_rate() > max(self.rate(b, optimistic=False) for b in self.candidates):
             self._plain_streak += 1
             if self.probe_every and self._plain_streak % self.probe_every == 0:
-                return self.candidates[0]
+                return best
             self.current = 0
             return 0
         self._plain_streak = 0

@@ -212,6 +212,9 @@ class Engine:
         trees = [TokenTree.root(s.root) for s in plan.decode]
         depths = [s.limit - len(s.output) - 1 for s in plan.decode]  # the bonus token takes the last place
         captured = sum(d.graphs_captured for d in self.drafters)
+        for s in plan.decode:  # a step without drafting makes no SSM calls
+            for st in s.drafts:
+                st.calls = 0
         if budget > 0 and plan.decode:
             for j, d in enumerate(self.drafters):
                 grown = d.draft([s.drafts[j] for s in plan.decode], depths, [budget] * len(plan.decode))
