@@ -35,3 +35,27 @@ class StreamDecoder:
         after = self.tok.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return after[len(before) :]
+
+
+class TextStream:
+    """A request's output text as it grows: decoded without broken UTF-8, and passed on only where it can
+    no longer turn out to be the start of a stop string (the engine cuts the text at a stop string, so
+    what was passed on is never taken back)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.decoder = StreamDecoder(tokenizer)
+        self.hold = max((len(s) for s in stop), default=1) - 1  # characters kept back while running
+        self.text = ""  # decoded so far
+        self.shown = ""  # passed on so far
+
+    def push(self, ids: list[int], finished: bool = False, stop_text: str | None = None) -> str:
+        """The text newly safe to show after ``ids``; at the end, with the engine's cut (``stop_text``)."""
+        self.text += self.decoder.push(ids)
+        if finished:
+            self.text += self.decoder.flush()
+            if stop_text is not None:
+                self.text = stop_text
+        upto = max(len(self.shown), len(self.text) - (0 if finished else self.hold))
+        new = self.text[len(self.shown): upto]
+        self.shown += new
+        return new

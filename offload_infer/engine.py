@@ -131,8 +131,9 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab}")
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> int:
-        """Queue a request; it joins the batch at a coming step. Returns its id."""
+    def validate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> tuple[int, int]:
+        """Check a request without queuing it (raises ValueError); returns (tokens it may produce, LLM KV
+        slots it reserves)."""
         self.check_prompt(prompt_ids)
         if params.stop and self.detokenize is None:
             raise ValueError("stop strings need an engine built with a tokenizer (detokenize=...)")
@@ -144,11 +145,59 @@ class Engine:
                     f"a request of {len(prompt_ids)} prompt tokens and up to {limit} new ones needs {need} KV "
                     f"slots, but the pool holds {pool.blocks.n_blocks * pool.blocks.block_size}: raise "
                     "--kv-cache-size or lower --max-new-tokens")
+        return limit, slots
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                    keep_kv: bool = False) -> int:
+        """Queue a request; it joins the batch at a coming step. Returns its id. With ``keep_kv`` its KV
+        outlives it (for ``continue_request``) until ``release``."""
+        limit, slots = self.validate(prompt_ids, params)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        seq = Sequence(next(self._ids), list(prompt_ids), params, limit, slots, stop_ids)
+        seq = Sequence(next(self._ids), list(prompt_ids), params, limit, slots, stop_ids, keep_kv=keep_kv)
         self._seqs[seq.id] = seq
         self.scheduler.add(seq)
         return seq.id
+
+    def continue_request(self, prev_id: int, prompt_ids: list[int], params: SamplingParams = SamplingParams()) -> int:
+        """The next turn of a conversation: a request for ``prompt_ids`` (the whole conversation so far)
+        that takes over a finished request's kept KV and prefills only what differs from its tokens
+        (at least the last token). Its KV is kept again."""
+        prev = self._seqs.get(prev_id)
+        if prev is None or prev.status != Status.FINISHED or prev.kv is None:
+            raise ValueError(f"request {prev_id} has no kept KV to continue from")
+        limit, slots = self.validate(prompt_ids, params)
+        cached = (prev.prompt + prev.output)[: prev.kv.length]  # what the LLM's cache holds, in order
+        common = 0
+        for a, b in zip(cached, prompt_ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt_ids) - 1)  # the last prompt token is run for its logits
+        for pool, need in self._needs(slots):
+            held = prev.kv if pool is self.pool else prev.drafts[[d.pool for d in self.drafters].index(pool)].kv
+            if not pool.can_extend(held, need):
+                raise RequestTooLargeError(f"the KV pool has no room to continue this conversation ({need} slots)")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        seq = Sequence(next(self._ids), list(prompt_ids), params, limit, slots, stop_ids, keep_kv=True)
+        seq.kv, seq.drafts, prev.kv, prev.drafts = prev.kv, prev.drafts, None, []
+        seq.kv.length, seq.kv.pending, seq.prefilled = common, 0, common
+        self.pool.extend(seq.kv, slots)
+        for d, st in zip(self.drafters, seq.drafts):
+            st.kv.length, st.kv.pending = min(st.kv.length, common), 0
+            st.backlog = list(prompt_ids[st.kv.length:])
+            d.pool.extend(st.kv, d.slots_for(slots))
+        self.forget(prev_id)
+        self._seqs[seq.id] = seq
+        self.scheduler.add(seq)
+        return seq.id
+
+    def release(self, seq_id: int) -> None:
+        """Free a finished request's kept KV and forget it."""
+        seq = self._seqs.get(seq_id)
+        if seq is not None and seq.status == Status.FINISHED:
+            seq.keep_kv = False
+            self._free(seq)
+            del self._seqs[seq_id]
 
     def _needs(self, llm_slots: int) -> list:
         return [(self.pool, llm_slots)] + [(d.pool, d.slots_for(llm_slots)) for d in self.drafters]
@@ -165,16 +214,18 @@ class Engine:
         return self._seqs[seq_id]
 
     def forget(self, seq_id: int) -> None:
-        """Drop a finished request's record."""
+        """Drop a finished request's record (a kept KV stays kept: ``release`` frees it)."""
         seq = self._seqs.get(seq_id)
-        if seq is not None and seq.status == Status.FINISHED:
+        if seq is not None and seq.status == Status.FINISHED and seq.kv is None:
             del self._seqs[seq_id]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.unfinished > 0
 
     def _allocate(self, seq: Sequence) -> bool:
-        """Give a request its KV in every pool, if every pool has room."""
+        """Give a request its KV in every pool, if every pool has room (a continued one holds it already)."""
+        if seq.kv is not None:
+            return True
         if not all(pool.blocks.can_allocate(need) for pool, need in self._needs(seq.llm_slots)):
             return False
         seq.kv = self.pool.allocate(seq.llm_slots)
@@ -183,6 +234,10 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason
+        if not seq.keep_kv:
+            self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
         if seq.kv is not None:
             self.pool.free(seq.kv)
             seq.kv = None

@@ -82,11 +82,24 @@ class KVPool:
         """Bytes of one slot (key and value, every layer)."""
         return 2 * n_layers * n_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
+    def _slot_map(self, blocks: list[int], capacity: int) -> Tensor:
+        bs = self.blocks.block_size
+        return (torch.tensor(blocks)[:, None] * bs + torch.arange(bs)[None, :]).flatten()[:capacity]  # [capacity]
+
     def allocate(self, capacity: int) -> SeqKV:
         blocks = self.blocks.allocate(capacity)
-        bs = self.blocks.block_size
-        slots = (torch.tensor(blocks)[:, None] * bs + torch.arange(bs)[None, :]).flatten()[:capacity]
-        return SeqKV(blocks, slots)
+        return SeqKV(blocks, self._slot_map(blocks, capacity))
+
+    def can_extend(self, seq: SeqKV, capacity: int) -> bool:
+        return self.blocks.blocks_for(capacity) - len(seq.blocks) <= self.blocks.free_blocks
+
+    def extend(self, seq: SeqKV, capacity: int) -> None:
+        """Grow a sequence's reservation to ``capacity`` slots (more blocks at the end of its slot map)."""
+        need = self.blocks.blocks_for(capacity) - len(seq.blocks)
+        if need > 0:
+            seq.blocks = seq.blocks + self.blocks.allocate(need * self.blocks.block_size)
+        if capacity > seq.capacity:
+            seq.slots = self._slot_map(seq.blocks, capacity)
 
     def free(self, seq: SeqKV) -> None:
         self.blocks.free(seq.blocks)

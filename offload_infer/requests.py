@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from offload_infer.detok import StreamDecoder
+from offload_infer.detok import TextStream
 from offload_infer.engine import Engine
 from offload_infer.sampling import SamplingConfig, SamplingParams
 
@@ -26,15 +26,13 @@ class Request:
 
 @dataclass
 class _Live:
-    """A request being served: its engine id, text streamed so far, timing."""
+    """A request being served: its engine id, its text so far, timing."""
 
     req: Request
     seq_id: int
-    stream: StreamDecoder
+    stream: TextStream
     start: float
     out: list[int] = field(default_factory=list)
-    shown: str = ""  # text already passed to on_text
-    text: str = ""  # text decoded so far (may run ahead of `shown` while it could start a stop string)
 
 
 class RequestManager:
@@ -94,7 +92,7 @@ class RequestManager:
         live: dict[int, _Live] = {}
         for req in take:
             sid = self.engine.add_request(req.prompt_token_ids, req.params)
-            live[sid] = _Live(req, sid, StreamDecoder(self.tokenizer), start)
+            live[sid] = _Live(req, sid, TextStream(self.tokenizer, req.params.stop), start)
         results: dict[int, dict] = {}
         try:
             while len(results) < len(take):
@@ -103,17 +101,13 @@ class RequestManager:
                     if lv is None:
                         continue  # another caller's request on the same engine
                     lv.out.extend(out.new_tokens)
-                    lv.text += lv.stream.push(out.new_tokens)
+                    stop_text = self.engine.sequence(out.id).stop_text if out.finished else None
+                    text = lv.stream.push(out.new_tokens, out.finished, stop_text)
+                    if text and on_text:
+                        on_text(lv.req.guid, text)
                     if out.finished:
-                        lv.text += lv.stream.flush()
-                        seq = self.engine.sequence(out.id)
-                        if seq.stop_text is not None:
-                            lv.text = seq.stop_text
-                        self._show(lv, on_text, final=True)
                         results[out.id] = self._result(lv)
                         self.engine.forget(out.id)
-                    else:
-                        self._show(lv, on_text, final=False)
         finally:
             for sid in live:
                 if sid not in results:
@@ -123,17 +117,6 @@ class RequestManager:
         self.batch_sizes = self.engine.batch_sizes[steps0:]
         return [results[lv.seq_id] for lv in live.values()]
 
-    @staticmethod
-    def _show(lv: _Live, on_text: Callable[[int, str], None] | None, final: bool) -> None:
-        """Pass on new text, holding back a tail that could still grow into a stop string."""
-        hold = 0 if final or not lv.req.params.stop else max(len(s) for s in lv.req.params.stop) - 1
-        upto = max(len(lv.shown), len(lv.text) - hold)
-        new = lv.text[len(lv.shown): upto]
-        if new:
-            lv.shown += new
-            if on_text:
-                on_text(lv.req.guid, new)
-
     def _result(self, lv: _Live) -> dict:
         req, seq = lv.req, self.engine.sequence(lv.seq_id)
         latency = time.perf_counter() - lv.start
@@ -142,7 +125,7 @@ class RequestManager:
             "prompt": req.prompt if req.prompt is not None else self.tokenizer.decode(req.prompt_token_ids),
             "prompt_token_ids": req.prompt_token_ids,
             "output_token_ids": lv.out,
-            "output_text": lv.text,
+            "output_text": lv.stream.text,
             "finish_reason": seq.finish_reason,
             "latency_s": latency,
             "time_to_first_token_s": seq.first_token_s,

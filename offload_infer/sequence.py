@@ -43,6 +43,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" (EOS, a stop id or string), "length", "abort"
     stop_text: str | None = None  # the output text cut before the stop string that ended it
     first_token_s: float | None = None  # seconds from arrival to the first token
+    keep_kv: bool = False  # keep the KV when finished, for a next turn (Engine.continue_request)
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

@@ -238,3 +238,37 @@ def test_a_long_prompt_is_read_in_chunks_while_the_others_decode(models):
             outs[o.id] += o.new_tokens
     assert engine.sequence(b).output == alone(make(), long_prompt, SamplingParams(max_new_tokens=5))
     assert engine.sequence(b).first_token_s is not None
+
+
+@pytest.mark.parametrize("with_ssm", [False, True])
+def test_a_conversation_keeps_its_kv_between_turns(models, with_ssm):
+    """A second turn prefills only the tokens after what the cache holds, and decodes what a fresh
+    request for the whole conversation decodes."""
+    llm, ssm = models["llm"], models["ssm"]
+    make = _engines(llm, [ssm] if with_ssm else [], max_batch_size=2)
+    engine = make()
+    free = engine.pool.blocks.free_blocks
+    params = SamplingParams(max_new_tokens=12)
+    first = engine.add_request(PROMPTS[0], params, keep_kv=True)
+    while engine.has_unfinished():
+        engine.step()
+    out1 = engine.sequence(first).output
+    assert engine.pool.blocks.free_blocks < free  # kept
+    turn2 = PROMPTS[0] + out1 + [40, 41, 42]
+    second = engine.continue_request(first, turn2, params)
+    seq = engine.sequence(second)
+    assert seq.prefilled == len(PROMPTS[0]) + len(out1) - 1  # only the last answer token and the new ones remain
+    while engine.has_unfinished():
+        engine.step()
+    assert seq.output == alone(make(), turn2, params)
+    # a conversation whose history was edited reuses the common prefix only
+    turn3 = PROMPTS[0][:3] + [200, 201]
+    third = engine.continue_request(second, turn3, params)
+    assert engine.sequence(third).prefilled == 3
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.sequence(third).output == alone(make(), turn3, params)
+    engine.release(third)
+    assert engine.pool.blocks.free_blocks == free
+    with pytest.raises(ValueError, match="no kept KV"):
+        engine.continue_request(third, turn3, params)

@@ -117,10 +117,14 @@ class Tokenizer:
     def encode_prompt(self, prompt: str, chat: bool) -> list[int]:
         """Token ids for a user prompt, wrapped in the chat template when ``chat``."""
         if chat:
-            text = self.apply_chat_template([{"role": "user", "content": prompt}])
-            # templates write their own BOS, as transformers' apply_chat_template(tokenize=True) assumes
-            return self.encode(text, add_special_tokens=False)
+            return self.encode_messages([{"role": "user", "content": prompt}])
         return self.encode(prompt)
+
+    def encode_messages(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation through the chat template."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        # templates write their own BOS, as transformers' apply_chat_template(tokenize=True) assumes
+        return self.encode(text, add_special_tokens=False)
 
 
 # -- loaders ------------------------------------------------------------------------------------------
