@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from offload_infer import cli_options as opts
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 models_app = typer.Typer(no_args_is_help=True, help="Offline models that travel inside PyPI wheels.")
 app.add_typer(models_app, name="models")
@@ -17,17 +19,6 @@ app.add_typer(models_app, name="models")
 def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    return dev
 
 
 def _prompts(prompt: Optional[str], prompt_file: Optional[Path]) -> list[str]:
@@ -44,117 +35,62 @@ def _prompts(prompt: Optional[str], prompt_file: Optional[Path]) -> list[str]:
     return [prompt]
 
 
-def _expansion(text: Optional[str]) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--expansion")
-
-
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="Prompt text (or use --prompt-file)."),
     prompt_file: Optional[Path] = typer.Option(None, help="JSON list of prompt strings."),
-    llm: str = typer.Option("demo", "--llm", "-m", help="Hub id, local directory, .gguf file, or offline model name."),
-    llm_model: Optional[str] = typer.Option(None, help="Force the model family (llama, qwen2, mistral, opt)."),
-    llm_weight: Optional[Path] = typer.Option(None, help="Weights directory (split paths, with --llm-config)."),
-    llm_config: Optional[Path] = typer.Option(None, help="config.json (split paths, with --llm-weight)."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer file or directory."),
-    ssm: list[str] = typer.Option([], "--ssm", help="Small speculative model (repeatable)."),
-    tree_budget: str = typer.Option("16", help="Speculated tokens per LLM pass (best-first growth), or 'auto'."),
-    max_tree_budget: int = typer.Option(256, min=1, help="Largest budget --tree-budget auto may choose."),
-    expansion: Optional[str] = typer.Option(None, help="SpecInfer per-depth expansion widths, e.g. 1,1,3,1,1,1,1,1."),
-    max_depth: int = typer.Option(16, help="Deepest speculated token in best-first growth."),
+    llm: str = opts.LLM,
+    llm_model: Optional[str] = opts.LLM_MODEL,
+    llm_weight: Optional[Path] = opts.LLM_WEIGHT,
+    llm_config: Optional[Path] = opts.LLM_CONFIG,
+    tokenizer: Optional[Path] = opts.TOKENIZER,
+    ssm: list[str] = opts.SSM,
+    tree_budget: str = opts.TREE_BUDGET,
+    max_tree_budget: int = opts.MAX_TREE_BUDGET,
+    expansion: Optional[str] = opts.EXPANSION,
+    max_depth: int = opts.MAX_DEPTH,
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
-    max_sequence_length: Optional[int] = typer.Option(None, help="Prompt + output limit (default: min(2048, context))."),
+    max_sequence_length: Optional[int] = opts.MAX_SEQUENCE_LENGTH,
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0, min=0),
     seed: Optional[int] = typer.Option(None),
-    use_full_precision: bool = typer.Option(False, help="fp32 (default: fp16 on CUDA, fp32 on CPU)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    use_full_precision: bool = opts.FULL_PRECISION,
+    device: str = opts.DEVICE,
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: when the checkpoint has one)."),
-    offload: bool = typer.Option(False, help="Stream the LLM's decoder layers from host memory."),
-    offload_reserve_space_size: str = typer.Option("4G", help="Device memory cap for the LLM's weights (MB, or K/M/G suffix)."),
-    quant_4bit: bool = typer.Option(False, "--4bit-quantization", help="Stream int4 (NF4) weights."),
-    quant_8bit: bool = typer.Option(False, "--8bit-quantization", help="Stream int8 weights."),
-    quant_codec: Optional[str] = typer.Option(None, help="Codec: nf4, fp4, int8-row, int8-block (overrides the flags)."),
-    quant_block_size: int = typer.Option(64, help="Elements per scale for block codecs."),
-    offload_ring_slots: int = typer.Option(2, min=1, help="Device buffers streamed layers rotate through."),
-    max_batch_size: int = typer.Option(8, min=1, help="Most requests served together (one LLM pass per step for all)."),
-    max_batch_tokens: int = typer.Option(2048, min=1, help="Most tokens (trees and prompt chunks) in one LLM pass."),
-    kv_cache_size: Optional[str] = typer.Option(None, help="LLM KV pool size (MB, or K/M/G suffix); default: "
-                                                "room for min(--max-batch-size, prompts) requests of the maximum length."),
+    offload: bool = opts.OFFLOAD,
+    offload_reserve_space_size: str = opts.RESERVE,
+    quant_4bit: bool = opts.Q4,
+    quant_8bit: bool = opts.Q8,
+    quant_codec: Optional[str] = opts.CODEC,
+    quant_block_size: int = opts.BLOCK,
+    offload_ring_slots: int = opts.RING,
+    max_batch_size: int = opts.MAX_BATCH_SIZE,
+    max_batch_tokens: int = opts.MAX_BATCH_TOKENS,
+    kv_cache_size: Optional[str] = opts.KV_CACHE_SIZE,
     stop: list[str] = typer.Option([], "--stop", help="Stop when the output contains this text (repeatable)."),
     stats_file: Optional[Path] = typer.Option(None, help="Write the aggregate figures (tokens/s, tokens per pass, "
                                               "batch sizes) as JSON."),
-    enforce_eager: bool = typer.Option(False, help="Run the SSMs eagerly instead of replaying CUDA graphs."),
+    enforce_eager: bool = opts.EAGER,
     output_file: Optional[Path] = typer.Option(None, help="Write results as a JSON list."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of streaming text."),
 ) -> None:
     """Generate text for a prompt (greedy by default), with token-tree speculation when --ssm is given."""
-    import torch
-
-    from offload_infer.engine import BLOCK_SIZE, Engine
     from offload_infer.requests import RequestManager
     from offload_infer.sampling import SamplingParams
-    from offload_infer.speculate import TreeConfig, shared_vocab_size
-    from offload_infer.offload import OffloadBuilder, parse_size
-    from weights.load import load_model, resident_layers
-    from weights.resolve import resolve
 
     prompts = _prompts(prompt, prompt_file)
+    mo = opts.ModelOptions(llm, llm_model, llm_weight, llm_config, tokenizer, tuple(ssm), tree_budget, max_tree_budget,
+                           expansion, max_depth, max_sequence_length, use_full_precision, device, offload,
+                           offload_reserve_space_size, quant_4bit, quant_8bit, quant_codec, quant_block_size,
+                           offload_ring_slots, max_batch_size, max_batch_tokens, kv_cache_size, enforce_eager)
     try:
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop=tuple(stop))
-        if max_batch_tokens < max_batch_size:
-            raise ValueError(f"--max-batch-tokens ({max_batch_tokens}) must be at least --max-batch-size "
-                             f"({max_batch_size})")
-        auto = tree_budget.strip().lower() == "auto"
-        if not auto and not tree_budget.strip().isdigit():
-            raise ValueError(f"--tree-budget must be a positive integer or 'auto', got {tree_budget!r}")
-        tree_cfg = TreeConfig(budget=max_tree_budget if auto else int(tree_budget), auto=auto,
-                              expansion=_expansion(expansion), max_depth=max_depth)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    dev = _device(device)
-    dtype = torch.float32 if (use_full_precision or dev.type == "cpu") else torch.float16
-    if quant_4bit and quant_8bit:
-        raise typer.BadParameter("choose one of --4bit-quantization and --8bit-quantization")
-    codec = quant_codec or ("nf4" if quant_4bit else "int8-row" if quant_8bit else None)
-    if codec and not offload:
-        raise typer.BadParameter("weight compression applies to streamed weights: add --offload")
+    opts.tree_config(mo)
     try:
-        resolved = resolve(llm if llm_weight is None else None, str(llm_weight) if llm_weight else None,
-                           str(llm_config) if llm_config else None, str(tokenizer) if tokenizer else None)
-        builder = resident_layers
-        # the KV pool: --kv-cache-size, or room for as many full-length requests as run together
-        kv_bytes = parse_size(kv_cache_size) if kv_cache_size else None
-        per_request = (max_sequence_length or 2048) + tree_cfg.max_nodes * len(ssm) + 1
-        kv_tokens = min(max_batch_size, len(prompts)) * -(-per_request // BLOCK_SIZE) * BLOCK_SIZE
-        if offload:
-            builder = OffloadBuilder(parse_size(offload_reserve_space_size), codec, quant_block_size,
-                                     offload_ring_slots, kv_bytes=kv_bytes or 0, kv_tokens=0 if kv_bytes else kv_tokens)
-        main = load_model(resolved, device=dev, dtype=dtype, model_type=llm_model, layer_builder=builder)
-        tok = main.tokenizer
-        if tok is None:
-            raise ValueError(f"{resolved.name} has no tokenizer files; pass --tokenizer PATH")
-        vocab = tok.vocab_size
-        ssms = []
-        for name in ssm:
-            loaded = load_model(resolve(name), device=dev, dtype=dtype)
-            if loaded.tokenizer is None:
-                raise ValueError(f"SSM {name} has no tokenizer files to check against the LLM's")
-            vocab = min(vocab, shared_vocab_size(tok.token_strings(), loaded.tokenizer.token_strings(),
-                                                 main.model.vocab_size, loaded.model.vocab_size, name))
-            ssms.append(loaded.model)
-        context = main.model.config.max_position_embeddings
-        max_len = max_sequence_length or min(2048, context)
-        engine = Engine(main.model, ssms, tree_cfg, max_len, tok.eos_ids, min(vocab, main.model.vocab_size),
-                        ssm_static=False if enforce_eager else None, max_batch_size=max_batch_size,
-                        max_batch_tokens=max_batch_tokens, kv_cache_size=kv_bytes or kv_tokens * main.model.slot_bytes(),
-                        detokenize=tok.decode)
+        engine, tok = opts.build_engine(mo, len(prompts))
         use_chat = bool(tok.chat_template) if chat is None else chat
         if use_chat and not tok.chat_template:
             raise ValueError(f"{llm} has no chat template; use --no-chat")
@@ -235,7 +171,7 @@ def compress(
     if dtype not in dtypes:
         raise typer.BadParameter(f"unknown dtype {dtype!r}; supported: {', '.join(dtypes)}")
     try:
-        path = run_compress(resolve(model), out, codec, block_size, dtypes[dtype], force, _device(device), llm_model)
+        path = run_compress(resolve(model), out, codec, block_size, dtypes[dtype], force, opts.device_of(device), llm_model)
     except (ValueError, OSError, RuntimeError) as e:
         _err(str(e))
     typer.echo(str(path))
@@ -267,6 +203,11 @@ def models_fetch(names: list[str] = typer.Argument(..., help="Offline model name
         except (OSError, RuntimeError) as e:
             _err(str(e))
 
+
+from offload_infer.cli_serve import chat, serve  # noqa: E402  (registered below, beside generate)
+
+app.command()(serve)
+app.command()(chat)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,152 @@
+"""What `generate`, `serve` and `chat` share: the model, speculation, offload and batching options
+(typer option objects, so each command lists them the same way) and the engine they build."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+LLM = typer.Option("demo", "--llm", "-m", help="Hub id, local directory, .gguf file, or offline model name.")
+LLM_MODEL = typer.Option(None, help="Force the model family (llama, qwen2, mistral, opt).")
+LLM_WEIGHT = typer.Option(None, help="Weights directory (split paths, with --llm-config).")
+LLM_CONFIG = typer.Option(None, help="config.json (split paths, with --llm-weight).")
+TOKENIZER = typer.Option(None, help="Tokenizer file or directory.")
+SSM = typer.Option([], "--ssm", help="Small speculative model (repeatable).")
+TREE_BUDGET = typer.Option("16", help="Speculated tokens per LLM pass (best-first growth), or 'auto'.")
+MAX_TREE_BUDGET = typer.Option(256, min=1, help="Largest budget --tree-budget auto may choose.")
+EXPANSION = typer.Option(None, help="SpecInfer per-depth expansion widths, e.g. 1,1,3,1,1,1,1,1.")
+MAX_DEPTH = typer.Option(16, help="Deepest speculated token in best-first growth.")
+MAX_SEQUENCE_LENGTH = typer.Option(None, help="Prompt + output limit (default: min(2048, context)).")
+FULL_PRECISION = typer.Option(False, help="fp32 (default: fp16 on CUDA, fp32 on CPU).")
+DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:N.")
+OFFLOAD = typer.Option(False, help="Stream the LLM's decoder layers from host memory.")
+RESERVE = typer.Option("4G", help="Device memory cap for the LLM's weights (MB, or K/M/G suffix).")
+Q4 = typer.Option(False, "--4bit-quantization", help="Stream int4 (NF4) weights.")
+Q8 = typer.Option(False, "--8bit-quantization", help="Stream int8 weights.")
+CODEC = typer.Option(None, help="Codec: nf4, fp4, int8-row, int8-block (overrides the flags).")
+BLOCK = typer.Option(64, help="Elements per scale for block codecs.")
+RING = typer.Option(2, min=1, help="Device buffers streamed layers rotate through.")
+MAX_BATCH_SIZE = typer.Option(8, min=1, help="Most requests served together (one LLM pass per step for all).")
+MAX_BATCH_TOKENS = typer.Option(2048, min=1, help="Most tokens (trees and prompt chunks) in one LLM pass.")
+KV_CACHE_SIZE = typer.Option(None, help="LLM KV pool size (MB, or K/M/G suffix); default: room for the batch "
+                                        "at the maximum length.")
+EAGER = typer.Option(False, help="Run the SSMs eagerly instead of replaying CUDA graphs.")
+
+
+@dataclass
+class ModelOptions:
+    llm: str = "demo"
+    llm_model: Optional[str] = None
+    llm_weight: Optional[Path] = None
+    llm_config: Optional[Path] = None
+    tokenizer: Optional[Path] = None
+    ssm: tuple[str, ...] = ()
+    tree_budget: str = "16"
+    max_tree_budget: int = 256
+    expansion: Optional[str] = None
+    max_depth: int = 16
+    max_sequence_length: Optional[int] = None
+    use_full_precision: bool = False
+    device: str = "auto"
+    offload: bool = False
+    offload_reserve_space_size: str = "4G"
+    quant_4bit: bool = False
+    quant_8bit: bool = False
+    quant_codec: Optional[str] = None
+    quant_block_size: int = 64
+    offload_ring_slots: int = 2
+    max_batch_size: int = 8
+    max_batch_tokens: int = 2048
+    kv_cache_size: Optional[str] = None
+    enforce_eager: bool = False
+
+
+def device_of(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    return dev
+
+
+def _expansion(text: Optional[str]) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--expansion")
+
+
+def tree_config(o: ModelOptions):
+    """The tree settings (typer.BadParameter for bad ones)."""
+    from offload_infer.speculate import TreeConfig
+
+    try:
+        if o.max_batch_tokens < o.max_batch_size:
+            raise ValueError(f"--max-batch-tokens ({o.max_batch_tokens}) must be at least --max-batch-size "
+                             f"({o.max_batch_size})")
+        auto = o.tree_budget.strip().lower() == "auto"
+        if not auto and not o.tree_budget.strip().isdigit():
+            raise ValueError(f"--tree-budget must be a positive integer or 'auto', got {o.tree_budget!r}")
+        return TreeConfig(budget=o.max_tree_budget if auto else int(o.tree_budget), auto=auto,
+                          expansion=_expansion(o.expansion), max_depth=o.max_depth)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def build_engine(o: ModelOptions, n_requests: int):
+    """Load the LLM and SSMs and build the engine, with a KV pool for ``n_requests`` requests of the
+    maximum length unless --kv-cache-size says otherwise. Returns (engine, tokenizer). Raises
+    typer.BadParameter for flag errors and ValueError/OSError/RuntimeError for the rest."""
+    import torch
+
+    from offload_infer.engine import BLOCK_SIZE, Engine
+    from offload_infer.offload import OffloadBuilder, parse_size
+    from offload_infer.speculate import shared_vocab_size
+    from weights.load import load_model, resident_layers
+    from weights.resolve import resolve
+
+    tree_cfg = tree_config(o)
+    dev = device_of(o.device)
+    dtype = torch.float32 if (o.use_full_precision or dev.type == "cpu") else torch.float16
+    if o.quant_4bit and o.quant_8bit:
+        raise typer.BadParameter("choose one of --4bit-quantization and --8bit-quantization")
+    codec = o.quant_codec or ("nf4" if o.quant_4bit else "int8-row" if o.quant_8bit else None)
+    if codec and not o.offload:
+        raise typer.BadParameter("weight compression applies to streamed weights: add --offload")
+    resolved = resolve(o.llm if o.llm_weight is None else None, str(o.llm_weight) if o.llm_weight else None,
+                       str(o.llm_config) if o.llm_config else None, str(o.tokenizer) if o.tokenizer else None)
+    builder = resident_layers
+    # the KV pool: --kv-cache-size, or room for as many full-length requests as run together
+    kv_bytes = parse_size(o.kv_cache_size) if o.kv_cache_size else None
+    per_request = (o.max_sequence_length or 2048) + tree_cfg.max_nodes * len(o.ssm) + 1
+    kv_tokens = min(o.max_batch_size, n_requests) * -(-per_request // BLOCK_SIZE) * BLOCK_SIZE
+    if o.offload:
+        builder = OffloadBuilder(parse_size(o.offload_reserve_space_size), codec, o.quant_block_size,
+                                 o.offload_ring_slots, kv_bytes=kv_bytes or 0, kv_tokens=0 if kv_bytes else kv_tokens)
+    main = load_model(resolved, device=dev, dtype=dtype, model_type=o.llm_model, layer_builder=builder)
+    tok = main.tokenizer
+    if tok is None:
+        raise ValueError(f"{resolved.name} has no tokenizer files; pass --tokenizer PATH")
+    vocab = tok.vocab_size
+    ssms = []
+    for name in o.ssm:
+        loaded = load_model(resolve(name), device=dev, dtype=dtype)
+        if loaded.tokenizer is None:
+            raise ValueError(f"SSM {name} has no tokenizer files to check against the LLM's")
+        vocab = min(vocab, shared_vocab_size(tok.token_strings(), loaded.tokenizer.token_strings(),
+                                             main.model.vocab_size, loaded.model.vocab_size, name))
+        ssms.append(loaded.model)
+    context = main.model.config.max_position_embeddings
+    engine = Engine(main.model, ssms, tree_cfg, o.max_sequence_length or min(2048, context), tok.eos_ids,
+                    min(vocab, main.model.vocab_size), ssm_static=False if o.enforce_eager else None,
+                    max_batch_size=o.max_batch_size, max_batch_tokens=o.max_batch_tokens,
+                    kv_cache_size=kv_bytes or kv_tokens * main.model.slot_bytes(), detokenize=tok.decode)
+    return engine, tok
