@@ -110,7 +110,8 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
     def params_of(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> SamplingParams:
         try:
             return SamplingParams(max_new_tokens=max_tokens or default_max_tokens, temperature=body.temperature,
-                                  top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()))
+                                  top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=tuple(body.stop or ()),
+                                  ignore_eos=body.ignore_eos)
         except ValueError as e:
             raise APIError(400, str(e)) from None
 

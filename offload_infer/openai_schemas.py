@@ -28,6 +28,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: "StreamOptions | None" = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
+    ignore_eos: bool = False  # not OpenAI's: vLLM's, for benchmarks that need fixed lengths
 
     @field_validator("stop")
     @classmethod
