@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -55,6 +56,38 @@ def make_tokenizer(root: str, vocab: int):
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))]
+
+
+def stream(url: str, prompt: str, new: int) -> tuple[float, float, int]:
+    """One streaming completion: (seconds to the first text, seconds in all, tokens)."""
+    import httpx
+
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, n = None, 0
+    with httpx.stream("POST", url, json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("usage"):
+                n = d["usage"]["completion_tokens"]
+            elif first is None and d["choices"] and d["choices"][0]["text"]:
+                first = time.perf_counter() - t0
+    return first or 0.0, time.perf_counter() - t0, n
+
+
+def clients(url: str, prompts: list[str], counts: list[int], new: int, out) -> None:
+    """The load, in a process of its own: one client three times, then each number of concurrent clients."""
+    one = [stream(url, prompts[0], new) for _ in range(3)]
+    by_count = {}
+    for c in counts:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(c) as pool:
+            got = list(pool.map(lambda p: stream(url, p, new), prompts[:c]))
+        by_count[c] = (got, time.perf_counter() - t0)
+    out.put((one, by_count))
 
 
 def main() -> None:
@@ -115,34 +148,19 @@ def main() -> None:
         except httpx.HTTPError:
             time.sleep(0.1)
 
-    def stream(prompt: str) -> tuple[float, float, int]:
-        body = {"model": "bench", "prompt": prompt, "max_tokens": args.new, "temperature": 0, "stream": True,
-                "ignore_eos": True, "stream_options": {"include_usage": True}}
-        t0 = time.perf_counter()
-        first, n = None, 0
-        with httpx.stream("POST", url, json=body, timeout=600) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                d = json.loads(line[6:])
-                if d.get("usage"):
-                    n = d["usage"]["completion_tokens"]
-                elif first is None and d["choices"] and d["choices"][0]["text"]:
-                    first = time.perf_counter() - t0
-        return first or 0.0, time.perf_counter() - t0, n
-
+    ctx = multiprocessing.get_context("spawn")  # the clients run in their own process: no GIL shared with the server
+    results = ctx.Queue()
     try:
-        one = [stream(prompts[0]) for _ in range(3)]
+        child = ctx.Process(target=clients, args=(url, prompts, counts, args.new, results))
+        child.start()
+        one, by_count = results.get(timeout=3600)
+        child.join()
         server_rate = statistics.median(n / dt for _, dt, n in one)
         row = {"clients": "one vs generate", "generate_tokens_per_s": gen_rate, "server_tokens_per_s": server_rate,
                "ratio": server_rate / gen_rate}
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
-        for c in counts:
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(c) as pool:
-                got = list(pool.map(stream, prompts[:c]))
-            wall = time.perf_counter() - t0
+        for c, (got, wall) in by_count.items():
             ttft = [f for f, _, _ in got]
             row = {"clients": c, "aggregate_tokens_per_s": sum(n for _, _, n in got) / wall,
                    "per_client_tokens_per_s_median": statistics.median(n / dt for _, dt, n in got),
