@@ -36,54 +36,28 @@ def _prompts(prompt: Optional[str], prompt_file: Optional[Path]) -> list[str]:
 
 
 @app.command()
+@opts.model_options()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="Prompt text (or use --prompt-file)."),
     prompt_file: Optional[Path] = typer.Option(None, help="JSON list of prompt strings."),
-    llm: str = opts.LLM,
-    llm_model: Optional[str] = opts.LLM_MODEL,
-    llm_weight: Optional[Path] = opts.LLM_WEIGHT,
-    llm_config: Optional[Path] = opts.LLM_CONFIG,
-    tokenizer: Optional[Path] = opts.TOKENIZER,
-    ssm: list[str] = opts.SSM,
-    tree_budget: str = opts.TREE_BUDGET,
-    max_tree_budget: int = opts.MAX_TREE_BUDGET,
-    expansion: Optional[str] = opts.EXPANSION,
-    max_depth: int = opts.MAX_DEPTH,
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
-    max_sequence_length: Optional[int] = opts.MAX_SEQUENCE_LENGTH,
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0, min=0),
     seed: Optional[int] = typer.Option(None),
-    use_full_precision: bool = opts.FULL_PRECISION,
-    device: str = opts.DEVICE,
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: when the checkpoint has one)."),
-    offload: bool = opts.OFFLOAD,
-    offload_reserve_space_size: str = opts.RESERVE,
-    quant_4bit: bool = opts.Q4,
-    quant_8bit: bool = opts.Q8,
-    quant_codec: Optional[str] = opts.CODEC,
-    quant_block_size: int = opts.BLOCK,
-    offload_ring_slots: int = opts.RING,
-    max_batch_size: int = opts.MAX_BATCH_SIZE,
-    max_batch_tokens: int = opts.MAX_BATCH_TOKENS,
-    kv_cache_size: Optional[str] = opts.KV_CACHE_SIZE,
     stop: list[str] = typer.Option([], "--stop", help="Stop when the output contains this text (repeatable)."),
     stats_file: Optional[Path] = typer.Option(None, help="Write the aggregate figures (tokens/s, tokens per pass, "
                                               "batch sizes) as JSON."),
-    enforce_eager: bool = opts.EAGER,
     output_file: Optional[Path] = typer.Option(None, help="Write results as a JSON list."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of streaming text."),
+    mo: opts.ModelOptions = None,
 ) -> None:
     """Generate text for a prompt (greedy by default), with token-tree speculation when --ssm is given."""
     from offload_infer.requests import RequestManager
     from offload_infer.sampling import SamplingParams
 
     prompts = _prompts(prompt, prompt_file)
-    mo = opts.ModelOptions(llm, llm_model, llm_weight, llm_config, tokenizer, tuple(ssm), tree_budget, max_tree_budget,
-                           expansion, max_depth, max_sequence_length, use_full_precision, device, offload,
-                           offload_reserve_space_size, quant_4bit, quant_8bit, quant_codec, quant_block_size,
-                           offload_ring_slots, max_batch_size, max_batch_tokens, kv_cache_size, enforce_eager)
     try:
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop=tuple(stop))
     except ValueError as e:
@@ -93,7 +67,7 @@ def generate(
         engine, tok = opts.build_engine(mo, len(prompts))
         use_chat = bool(tok.chat_template) if chat is None else chat
         if use_chat and not tok.chat_template:
-            raise ValueError(f"{llm} has no chat template; use --no-chat")
+            raise ValueError(f"{mo.llm} has no chat template; use --no-chat")
         rm = RequestManager(engine, tok, chat=use_chat, params=params)
         for p in prompts:  # all prompts are checked before the first is served
             rm.register_new_request(p)

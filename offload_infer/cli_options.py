@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import inspect
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -62,6 +64,45 @@ class ModelOptions:
     max_batch_tokens: int = 2048
     kv_cache_size: Optional[str] = None
     enforce_eager: bool = False
+
+
+# ModelOptions field -> (annotation, typer option): the options every model-loading command takes
+_OPTIONS = {
+    "llm": (str, LLM), "llm_model": (Optional[str], LLM_MODEL), "llm_weight": (Optional[Path], LLM_WEIGHT),
+    "llm_config": (Optional[Path], LLM_CONFIG), "tokenizer": (Optional[Path], TOKENIZER), "ssm": (list[str], SSM),
+    "tree_budget": (str, TREE_BUDGET), "max_tree_budget": (int, MAX_TREE_BUDGET),
+    "expansion": (Optional[str], EXPANSION), "max_depth": (int, MAX_DEPTH),
+    "max_sequence_length": (Optional[int], MAX_SEQUENCE_LENGTH), "use_full_precision": (bool, FULL_PRECISION),
+    "device": (str, DEVICE), "offload": (bool, OFFLOAD), "offload_reserve_space_size": (str, RESERVE),
+    "quant_4bit": (bool, Q4), "quant_8bit": (bool, Q8), "quant_codec": (Optional[str], CODEC),
+    "quant_block_size": (int, BLOCK), "offload_ring_slots": (int, RING), "max_batch_size": (int, MAX_BATCH_SIZE),
+    "max_batch_tokens": (int, MAX_BATCH_TOKENS), "kv_cache_size": (Optional[str], KV_CACHE_SIZE),
+    "enforce_eager": (bool, EAGER),
+}
+
+
+def model_options(batching: bool = True):
+    """Give a command the model options: they are added to its signature (so typer lists them) and
+    handed to it as one ``ModelOptions`` in its ``mo`` parameter. Without ``batching`` the batch options
+    are left out (a chat serves one conversation)."""
+    names = [n for n in _OPTIONS if batching or n not in ("max_batch_size", "max_batch_tokens")]
+    assert set(_OPTIONS) == {f.name for f in fields(ModelOptions)}
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.name != "mo"]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=_OPTIONS[n][1],
+                                   annotation=_OPTIONS[n][0]) for n in names]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            picked = {n: kwargs.pop(n) for n in names}
+            picked["ssm"] = tuple(picked["ssm"])
+            return fn(mo=ModelOptions(**picked), **kwargs)
+
+        command.__signature__ = sig.replace(parameters=own + added)
+        return command
+    return wrap
 
 
 def device_of(name: str):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -29,49 +28,23 @@ def start_server(engine, tokenizer, model_name: str, host: str = "127.0.0.1", po
     return uvicorn.Server(config), loop
 
 
+@opts.model_options()
 def serve(
-    llm: str = opts.LLM,
-    llm_model: Optional[str] = opts.LLM_MODEL,
-    llm_weight: Optional[Path] = opts.LLM_WEIGHT,
-    llm_config: Optional[Path] = opts.LLM_CONFIG,
-    tokenizer: Optional[Path] = opts.TOKENIZER,
-    ssm: list[str] = opts.SSM,
-    tree_budget: str = opts.TREE_BUDGET,
-    max_tree_budget: int = opts.MAX_TREE_BUDGET,
-    expansion: Optional[str] = opts.EXPANSION,
-    max_depth: int = opts.MAX_DEPTH,
-    max_sequence_length: Optional[int] = opts.MAX_SEQUENCE_LENGTH,
-    use_full_precision: bool = opts.FULL_PRECISION,
-    device: str = opts.DEVICE,
-    offload: bool = opts.OFFLOAD,
-    offload_reserve_space_size: str = opts.RESERVE,
-    quant_4bit: bool = opts.Q4,
-    quant_8bit: bool = opts.Q8,
-    quant_codec: Optional[str] = opts.CODEC,
-    quant_block_size: int = opts.BLOCK,
-    offload_ring_slots: int = opts.RING,
-    max_batch_size: int = opts.MAX_BATCH_SIZE,
-    max_batch_tokens: int = opts.MAX_BATCH_TOKENS,
-    kv_cache_size: Optional[str] = opts.KV_CACHE_SIZE,
-    enforce_eager: bool = opts.EAGER,
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
     api_key: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1/ requests."),
     served_model_name: Optional[str] = typer.Option(None, help="Model name clients use (default: --llm)."),
     max_waiting: int = typer.Option(64, min=0, help="Requests that may wait beyond the batch; more get 503."),
     default_max_tokens: int = typer.Option(256, min=1, help="Tokens a request may generate when it names no max_tokens."),
+    mo: opts.ModelOptions = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat and text completions, streaming)."""
-    mo = opts.ModelOptions(llm, llm_model, llm_weight, llm_config, tokenizer, tuple(ssm), tree_budget, max_tree_budget,
-                           expansion, max_depth, max_sequence_length, use_full_precision, device, offload,
-                           offload_reserve_space_size, quant_4bit, quant_8bit, quant_codec, quant_block_size,
-                           offload_ring_slots, max_batch_size, max_batch_tokens, kv_cache_size, enforce_eager)
     try:
-        engine, tok = opts.build_engine(mo, max_batch_size)
+        engine, tok = opts.build_engine(mo, mo.max_batch_size)
     except (ValueError, OSError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    name = served_model_name or llm
+    name = served_model_name or mo.llm
     server, loop = start_server(engine, tok, name, host, port, api_key, max_waiting, default_max_tokens)
     if api_key is None:
         typer.echo("warning: no --api-key: the server is unauthenticated", err=True)
@@ -83,44 +56,20 @@ def serve(
         typer.echo("offload-infer: stopped; in-flight requests were cancelled", err=True)
 
 
+@opts.model_options(batching=False)
 def chat(
-    llm: str = opts.LLM,
-    llm_model: Optional[str] = opts.LLM_MODEL,
-    llm_weight: Optional[Path] = opts.LLM_WEIGHT,
-    llm_config: Optional[Path] = opts.LLM_CONFIG,
-    tokenizer: Optional[Path] = opts.TOKENIZER,
-    ssm: list[str] = opts.SSM,
-    tree_budget: str = opts.TREE_BUDGET,
-    max_tree_budget: int = opts.MAX_TREE_BUDGET,
-    expansion: Optional[str] = opts.EXPANSION,
-    max_depth: int = opts.MAX_DEPTH,
-    max_sequence_length: Optional[int] = opts.MAX_SEQUENCE_LENGTH,
-    use_full_precision: bool = opts.FULL_PRECISION,
-    device: str = opts.DEVICE,
-    offload: bool = opts.OFFLOAD,
-    offload_reserve_space_size: str = opts.RESERVE,
-    quant_4bit: bool = opts.Q4,
-    quant_8bit: bool = opts.Q8,
-    quant_codec: Optional[str] = opts.CODEC,
-    quant_block_size: int = opts.BLOCK,
-    offload_ring_slots: int = opts.RING,
-    kv_cache_size: Optional[str] = opts.KV_CACHE_SIZE,
-    enforce_eager: bool = opts.EAGER,
     system: Optional[str] = typer.Option(None, help="System prompt."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1, help="Most tokens per answer."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0, min=0),
     seed: Optional[int] = typer.Option(None),
+    mo: opts.ModelOptions = None,
 ) -> None:
     """Chat in the terminal (/reset clears the conversation, /exit or Ctrl-D ends; Ctrl-C stops an answer)."""
     from offload_infer.chat import ChatSession
     from offload_infer.sampling import SamplingParams
 
-    mo = opts.ModelOptions(llm, llm_model, llm_weight, llm_config, tokenizer, tuple(ssm), tree_budget, max_tree_budget,
-                           expansion, max_depth, max_sequence_length, use_full_precision, device, offload,
-                           offload_reserve_space_size, quant_4bit, quant_8bit, quant_codec, quant_block_size,
-                           offload_ring_slots, 1, 2048, kv_cache_size, enforce_eager)
     try:
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
         engine, tok = opts.build_engine(mo, 1)

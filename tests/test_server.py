@@ -258,3 +258,29 @@ def test_terminal_chat_loop(tiny_dirs):
     text = out.getvalue()
     assert text.count("> ") == 4 and "(conversation cleared)" in text
     assert engine.pool.blocks.free_blocks == engine.pool.blocks.n_blocks
+
+
+def test_serve_command_starts_answers_and_stops_on_ctrl_c(tiny_dirs):
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "offload_infer.cli", "serve", "-m", str(tiny_dirs["llama"][0]),
+                             "--port", str(port), "--served-model-name", "tiny", "--max-sequence-length", "128"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                       json={"model": "tiny", "prompt": "The quick", "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode in (0, 130), err  # 130: the conventional status after SIGINT (uvicorn re-raises it)
+    assert "unauthenticated" in err and f"http://127.0.0.1:{port}/v1" in err and "stopped" in err
