@@ -284,3 +284,18 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c(tiny_dirs):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode in (0, 130), err  # 130: the conventional status after SIGINT (uvicorn re-raises it)
     assert "unauthenticated" in err and f"http://127.0.0.1:{port}/v1" in err and "stopped" in err
+
+
+def test_a_speculating_server_gives_the_greedy_output(tiny_dirs, reference):
+    run, tok = reference
+    s = Server(tiny_dirs["llama"][0], ssm=(tiny_dirs["llama"][0],))
+    try:
+        prompts = ["The quick brown", "def add(a, b):", "Pack my box"]
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: s.client().completions.create(model=MODEL, prompt=p, max_tokens=12,
+                                                                        temperature=0), prompts))
+        for p, r in zip(prompts, got):
+            assert r.choices[0].text == run(tok.encode(p), 12)
+            assert r.model_extra["offload_infer"]["tokens_per_pass"] > 1  # the SSM is the LLM: trees accepted
+    finally:
+        s.stop()
