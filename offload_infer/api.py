@@ -226,7 +226,7 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
 
 
 def _reason(reason: str | None) -> str | None:
-    return {"stop": "stop", "length": "length", "abort": "abort"}.get(reason or "", reason)
+    return {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}.get(reason or "", reason)
 
 
 def _spec(stats: dict | None) -> dict:

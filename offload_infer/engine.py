@@ -57,7 +57,7 @@ class StepOutput:
     id: int
     new_tokens: list[int]
     finished: bool = False
-    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    finish_reason: str | None = None  # "eos", "stop" (a stop id or string), "length" or "abort" once finished
 
 
 class Engine:
@@ -313,7 +313,7 @@ class Engine:
             s.prefilled += n
             s.stats.llm_passes += 1
             if s.prefilled == len(s.prompt):
-                s.root = select(logits[row], s.params.sampling, s.generator)
+                s.root = select(logits[row], s.params.sampling, s.generator, set(s.prompt))
                 row += 1
                 s.first_token_s = time.perf_counter() - s.arrival
                 for st in s.drafts:
@@ -343,7 +343,10 @@ class Engine:
         for s, tree, depth in zip(decode, trees, depths):
             sampling = s.params.sampling
             span = slice(row, row + len(tree))
-            if sampling.greedy:
+            if sampling.repetition_penalty != 1.0:
+                rows = host[span] if host is not None else logits[span]
+                path, nxt = verify(tree, rows, sampling, s.generator, seen=set(s.prompt) | set(s.output))
+            elif sampling.greedy:
                 path, nxt = verify(tree, None, sampling, choice=greedy_choice[span])
             else:
                 path, nxt = verify(tree, host[span], sampling, s.generator)
@@ -375,7 +378,7 @@ class Engine:
         reason = None
         for i, t in enumerate(new):
             if t in s.stop_ids:
-                new, reason = new[: i + 1], "stop"
+                new, reason = new[: i + 1], "stop" if t in s.params.stop_token_ids else "eos"
                 break
         if len(s.output) + len(new) >= s.limit:
             new = new[: s.limit - len(s.output)]

@@ -13,8 +13,11 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy (argmax)
     top_k: int = 0  # keep the k most likely tokens; 0 = all
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p; 1 = all
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context (CTRL's rule, as transformers)
 
     def __post_init__(self) -> None:
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -25,6 +28,18 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def penalize(logits: Tensor, seen: set[int] | None, penalty: float) -> Tensor:
+    """Logits ``[V]`` with the repetition penalty applied to the ``seen`` tokens: a positive logit is
+    divided by it, a negative one multiplied (transformers' RepetitionPenaltyLogitsProcessor). It comes
+    before temperature, top-k and top-p, and it is part of the target distribution: verification applies
+    it at every tree node with that node's own context, so speculation stays exact."""
+    if penalty == 1.0 or not seen:
+        return logits
+    idx = torch.tensor(sorted(seen), device=logits.device)
+    vals = logits.index_select(-1, idx)
+    return logits.index_copy(-1, idx, torch.where(vals > 0, vals / penalty, vals * penalty))
 
 
 def probs_from_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
@@ -46,8 +61,9 @@ def probs_from_logits(logits: Tensor, cfg: SamplingConfig) -> Tensor:
     return logits.softmax(-1)
 
 
-def select(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
-    """One token from logits ``[V]``."""
+def select(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None, seen: set[int] | None = None) -> int:
+    """One token from logits ``[V]`` (``seen``: the context's tokens, for the repetition penalty)."""
+    logits = penalize(logits, seen, cfg.repetition_penalty)
     if cfg.greedy:
         return int(logits.argmax())
     probs = probs_from_logits(logits.cpu(), cfg)
@@ -63,6 +79,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = all tokens
     top_p: float = 1.0  # 1 = all tokens
     seed: int | None = None  # seeds this request's own generator: its draws do not depend on the batch
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
     stop_token_ids: tuple[int, ...] = ()  # end the request after any of these (added to the engine's EOS ids)
     stop: tuple[str, ...] = ()  # end the request once its text contains one of these (excluded from the text)
     ignore_eos: bool = False  # keep going past the engine's EOS ids (benchmarks)
@@ -78,4 +95,4 @@ class SamplingParams:
 
     @property
     def sampling(self) -> SamplingConfig:
-        return SamplingConfig(self.temperature, self.top_k, self.top_p)
+        return SamplingConfig(self.temperature, self.top_k, self.top_p, self.repetition_penalty)

@@ -40,7 +40,7 @@ class Sequence:
     drafts: list[DraftState] = field(default_factory=list)
     generator: torch.Generator | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
-    finish_reason: str | None = None  # "stop" (EOS, a stop id or string), "length", "abort"
+    finish_reason: str | None = None  # "eos", "stop" (a stop id or string), "length", "abort"
     stop_text: str | None = None  # the output text cut before the stop string that ended it
     first_token_s: float | None = None  # seconds from arrival to the first token
     keep_kv: bool = False  # keep the KV when finished, for a next turn (Engine.continue_request)

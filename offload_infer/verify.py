@@ -23,13 +23,27 @@ from offload_infer.tree import TokenTree
 
 def verify(
     tree: TokenTree, logits: Tensor | None, sampling: SamplingConfig, generator: torch.Generator | None = None,
-    choice: list[int] | None = None,
+    choice: list[int] | None = None, seen: set[int] | None = None,
 ) -> tuple[list[int], int]:
     """Accepted node indices (root first) and the token that follows the last of them.
 
     ``logits`` ``[T, V]`` holds the LLM's next-token logits at every tree node; greedy verification
-    may instead be given their argmax per node (``choice``, computed for a whole batch at once).
+    may instead be given their argmax per node (``choice``, computed for a whole batch at once). With a
+    repetition penalty, ``seen`` holds the committed context's tokens, and each node's logits are
+    penalised with those and the tokens on its path.
     """
+    if sampling.repetition_penalty != 1.0:
+        assert logits is not None and logits.shape[0] == len(tree), "one logit row per tree node"
+        context = set(seen or ())
+        path = [0]
+        while True:
+            node = path[-1]
+            context.add(tree.tokens[node])
+            token = select(logits[node], sampling, generator, context)
+            nxt = tree.child(node, token)
+            if nxt is None:
+                return path, token
+            path.append(nxt)
     if sampling.greedy and choice is None:
         assert logits is not None
         choice = logits.argmax(-1).tolist()  # one transfer for the whole tree

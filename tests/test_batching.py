@@ -272,3 +272,78 @@ def test_a_conversation_keeps_its_kv_between_turns(models, with_ssm):
     assert engine.pool.blocks.free_blocks == free
     with pytest.raises(ValueError, match="no kept KV"):
         engine.continue_request(third, turn3, params)
+
+
+def test_repetition_penalty_greedy_matches_transformers_and_speculation(models, tiny_dirs):
+    """The penalty is part of the target: greedy speculation with it equals incremental decoding with it,
+    which equals transformers' generate(repetition_penalty=...)."""
+    llm, ssm = models["llm"], models["ssm"]
+    hf = tiny_dirs["llama"][1]
+    params = SamplingParams(max_new_tokens=24, repetition_penalty=1.8, ignore_eos=True)
+    plain = alone(Engine(llm, max_sequence_length=96), PROMPTS[0], params)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                          repetition_penalty=1.8)[0, len(PROMPTS[0]):].tolist()
+    assert plain == ref
+    assert plain != alone(Engine(llm, max_sequence_length=96), PROMPTS[0], SamplingParams(max_new_tokens=24,
+                                                                                           ignore_eos=True))
+    for ssms in ([ssm], [llm]):
+        assert alone(_engines(llm, ssms)(), PROMPTS[0], params) == plain
+
+
+def test_repetition_penalty_sampling_is_lossless_chi_square(models):
+    llm = models["llm"]
+    prompt = PROMPTS[0]
+    sp = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, repetition_penalty=3.0)
+    cfg = sp.sampling
+    from offload_infer.sampling import penalize
+
+    with torch.inference_mode():
+        first = llm.forward(torch.tensor(prompt), torch.arange(6), llm.new_cache(16))[-1]
+        p1 = probs_from_logits(penalize(first, set(prompt), 3.0), cfg)
+        expected = {}
+        for a in p1.nonzero().flatten().tolist():
+            row = llm.forward(torch.tensor(prompt + [a]), torch.arange(7), llm.new_cache(16))[-1]
+            p2 = probs_from_logits(penalize(row, set(prompt) | {a}, 3.0), cfg)
+            for b in p2.nonzero().flatten().tolist():
+                expected[(a, b)] = float(p1[a] * p2[b])
+    engine = Engine(llm, [models["ssm"], llm], TreeConfig(budget=4), max_sequence_length=96, max_batch_size=64,
+                    max_batch_tokens=1024)
+    n = 3000
+    ids = [engine.add_request(prompt, SamplingParams(max_new_tokens=2, temperature=1.0, top_k=4, seed=s,
+                                                     repetition_penalty=3.0)) for s in range(n)]
+    while engine.has_unfinished():
+        engine.step()
+    counts: dict[tuple[int, int], int] = {}
+    for i in ids:
+        out = tuple(engine.sequence(i).output)
+        counts[out] = counts.get(out, 0) + 1
+    assert set(counts) <= set(expected)
+    stat = sum((counts.get(k, 0) - n * e) ** 2 / (n * e) for k, e in expected.items())
+    p = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2, dtype=torch.float64),
+                                      torch.tensor(stat / 2)))
+    assert p > 1e-3, (stat, len(expected))
+
+
+def test_stop_strings_inside_accepted_paths_equal_incremental(models):
+    """A stop string completed inside an accepted tree path ends the output exactly where incremental
+    decoding ends it."""
+    llm = models["llm"]
+    detok = lambda ids: "".join(chr(97 + t % 26) for t in ids)  # noqa: E731 - one letter per token
+    ref = alone(Engine(llm, max_sequence_length=96), PROMPTS[0], SamplingParams(max_new_tokens=30, ignore_eos=True))
+    text = detok(ref)
+    k = next(k for k in range(9, 16) if text.index(text[k: k + 3]) == k)
+    stop = text[k: k + 3]  # spans three tokens, first seen at token k
+    params = SamplingParams(max_new_tokens=30, stop=(stop,), ignore_eos=True)
+    plain = Engine(llm, max_sequence_length=96, detokenize=detok)
+    spec = Engine(llm, [llm], TreeConfig(expansion=(1,) * 8), max_sequence_length=96, detokenize=detok)
+    outs = []
+    for e in (plain, spec):
+        sid = e.add_request(PROMPTS[0], params)
+        while e.has_unfinished():
+            e.step()
+        outs.append((e.sequence(sid).output, e.sequence(sid).stop_text, e.sequence(sid).finish_reason))
+    assert outs[0] == outs[1]
+    assert outs[1][1] == text[: text.index(stop)] and outs[1][2] == "stop"
+    # a chain of 8 (the LLM drafting for itself) is accepted whole: tokens 1-9, then 10-18 cut after k + 2
+    assert spec.sequence(sid).stats.tokens_per_pass == [9, k + 2 - 9]

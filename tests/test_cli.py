@@ -132,7 +132,7 @@ def test_prompt_file_is_served_batched(tiny_dirs, tmp_path):
     for text, res in zip(texts, json.loads(out.read_text())):
         single = run("generate", text, "-m", d, "-n", 10, "--no-chat", "--json")
         assert json.loads(single.stdout)[0]["output_token_ids"] == res["output_token_ids"]
-        assert res["time_to_first_token_s"] > 0 and res["finish_reason"] in ("stop", "length")
+        assert res["time_to_first_token_s"] > 0 and res["finish_reason"] in ("eos", "length")
     bad = run("generate", "hi", "-m", d, "--max-batch-size", 4, "--max-batch-tokens", 2)
     assert bad.exit_code != 0 and "--max-batch-tokens" in bad.output
     bad = run("generate", "hi", "-m", d, "--kv-cache-size", "1K", "--no-chat")
