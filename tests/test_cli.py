@@ -58,10 +58,10 @@ def test_chat_template_is_default_when_present(tiny_dirs):
         (["The quick brown fox jumps over the lazy dog", "-m", "{d}", "--max-sequence-length", "4", "--no-chat"], "prompt of"),
         (["hi", "-m", "{tmp}/missing.gguf"], "does not exist"),
         (["hi", "-m", "{d}", "--llm-model", "gpt5"], "unsupported model type 'gpt5'"),
-        (["hi", "-m", "{d}", "--temperature", "0.5", "--top-p", "1.5"], "top_p"),
+        (["hi", "-m", "{d}", "--temperature", "0.5", "--top-p", "1.5"], "--top-p"),
         (["hi", "-m", "{d}", "--expansion", "1,x"], "comma-separated"),
         (["hi", "-m", "{d}", "--max-sequence-length", "100000"], "exceeds the model's context"),
-        (["--prompt-file", "{tmp}/bad.json", "-m", "{d}"], "JSON list"),
+        (["--prompt-file", "{tmp}/bad.json", "-m", "{d}"], "\"prompt\" string"),
         (["-m", "{d}"], "PROMPT"),
         (["hi", "-m", "{d}", "--llm-weight", "{d}"], "--llm-config"),
     ],
@@ -137,3 +137,85 @@ def test_prompt_file_is_served_batched(tiny_dirs, tmp_path):
     assert bad.exit_code != 0 and "--max-batch-tokens" in bad.output
     bad = run("generate", "hi", "-m", d, "--kv-cache-size", "1K", "--no-chat")
     assert bad.exit_code != 0 and "less than one block" in bad.output
+
+
+def test_version_matches_the_package_metadata():
+    from importlib.metadata import version
+
+    r = run("--version")
+    assert r.exit_code == 0 and r.output.strip() == f"offload-infer {version('offload-infer')}"
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "chat", "compress"])
+def test_help_at_80_columns_names_every_option_whole(command):
+    import re
+
+    from typer.main import get_command
+
+    r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert r.exit_code == 0
+    assert max(len(line) for line in r.output.splitlines()) <= 80
+    cmd = get_command(app).commands[command]
+    for p in cmd.params:
+        for name in p.opts + p.secondary_opts:
+            if name.startswith("-"):
+                assert re.search(rf"(^|[\s,/]){re.escape(name)}([\s,]|$)", r.output, re.M), name
+    if command == "generate":
+        for panel in ("Model:", "Sampling:", "Speculation:", "Offload and compression:", "Batching:",
+                      "Input and output:"):
+            assert panel in r.output
+
+
+def test_aliases_mean_the_same(tiny_dirs, tmp_path):
+    d = tiny_dirs["llama"][0]
+    long = run("generate", "The quick", "--llm", d, "--max-new-tokens", 6, "--temperature", 0.7, "--seed", 3,
+               "--max-sequence-length", 64, "--ssm", d, "--json", "--no-chat")
+    short = run("generate", "-p", "The quick", "--model", d, "-n", 6, "--temp", 0.7, "--seed", 3, "-c", 64,
+                "-md", d, "--json", "--no-chat")
+    draft = run("generate", "The quick", "-m", d, "-n", 6, "--temp", 0.7, "--seed", 3, "--ctx-size", 64,
+                "--model-draft", d, "--json", "--no-chat")
+    outs = [json.loads(r.stdout)[0]["output_token_ids"] for r in (long, short, draft)]
+    assert outs[0] == outs[1] == outs[2]
+    f = tmp_path / "p.txt"
+    f.write_text("The quick")
+    assert json.loads(run("generate", "-f", f, "-m", d, "-n", 6, "--temp", 0.7, "--seed", 3, "-c", 64, "--ssm", d,
+                          "--json", "--no-chat").stdout)[0]["output_token_ids"] == outs[0]
+    out = tmp_path / "c"
+    r = run("compress", "-m", d, "--out", out, "--quant-codec", "int8-block", "--quant-block-size", 32)
+    assert r.exit_code == 0, r.output
+    assert str(json.loads((out / "config.json").read_text())["offload_infer_compression"]["block_size"]) == "32"
+
+
+def test_prompt_files_text_jsonl_and_stdin(tiny_dirs, tmp_path):
+    from offload_infer.cli import parse_prompt_file
+
+    assert parse_prompt_file('["a", "b"]') == ["a", "b"]
+    assert parse_prompt_file('"a"\n{"prompt": "b"}\n\n') == ["a", "b"]
+    assert parse_prompt_file("Write a poem.\nAbout cats.\n") == ["Write a poem.\nAbout cats."]
+    for bad, msg in (("", "empty"), ("[1, 2]", "non-empty prompt strings"), ('{"text": "x"}', '"prompt" string'),
+                     ('"a"\nnot json', "line 2")):
+        with pytest.raises(ValueError, match=msg):
+            parse_prompt_file(bad)
+    d = tiny_dirs["llama"][0]
+    ref = json.loads(run("generate", "The quick", "-m", d, "-n", 5, "--json", "--no-chat").stdout)[0]
+    via_stdin = runner.invoke(app, ["generate", "-", "-m", str(d), "-n", "5", "--json", "--no-chat"],
+                              input="The quick\n")
+    assert json.loads(via_stdin.stdout)[0]["output_token_ids"] == ref["output_token_ids"]
+    jsonl = runner.invoke(app, ["generate", "-f", "-", "-m", str(d), "-n", "5", "--json", "--no-chat"],
+                          input='{"prompt": "The quick"}\n"def add"\n')
+    res = json.loads(jsonl.stdout)
+    assert [r["prompt"] for r in res] == ["The quick", "def add"]
+    assert res[0]["output_token_ids"] == ref["output_token_ids"]
+
+
+def test_system_prompt_and_repetition_penalty(tiny_dirs):
+    d = tiny_dirs["llama"][0]
+    base = json.loads(run("generate", "hi", "-m", d, "-n", 8, "--json").stdout)[0]
+    sys_ = json.loads(run("generate", "hi", "-m", d, "-n", 8, "--json", "--system", "be brief").stdout)[0]
+    assert len(sys_["prompt_token_ids"]) > len(base["prompt_token_ids"])
+    assert run("generate", "hi", "-m", d, "--no-chat", "--system", "x").exit_code != 0
+    pen = json.loads(run("generate", "hi", "-m", d, "-n", 8, "--json", "--repetition-penalty", "1.5",
+                         "--ssm", d).stdout)[0]
+    plain_pen = json.loads(run("generate", "hi", "-m", d, "-n", 8, "--json", "--repetition-penalty", "1.5").stdout)[0]
+    assert pen["output_token_ids"] == plain_pen["output_token_ids"]
+    assert base["finish_reason"] in ("eos", "length")
