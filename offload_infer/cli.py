@@ -136,7 +136,10 @@ def generate(
                                 stop=tuple(stop))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    opts.tree_config(mo)
+    try:
+        opts.tree_config(mo)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     try:
         engine, tok = opts.build_engine(mo, len(prompts))
         use_chat = bool(tok.chat_template) if chat is None else chat
@@ -229,7 +232,8 @@ def compress(
     if dtype not in dtypes:
         raise typer.BadParameter(f"unknown dtype {dtype!r}; supported: {', '.join(dtypes)}")
     try:
-        path = run_compress(resolve(model), out, codec, block_size, dtypes[dtype], force, opts.device_of(device), llm_model)
+        path = run_compress(resolve(model), out, codec, block_size, dtypes[dtype], force, opts.device_of(device),
+                            llm_model)
     except (ValueError, OSError, RuntimeError) as e:
         _err(str(e))
     typer.echo(str(path))

@@ -121,8 +121,15 @@ def device_of(name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+        raise ValueError("--device: CUDA is not available on this machine")
     return dev
+
+
+def dtype_for(device, full_precision: bool = False):
+    """fp16 on a GPU, fp32 on the CPU (or whenever full precision is asked for)."""
+    import torch
+
+    return torch.float32 if (full_precision or device.type == "cpu") else torch.float16
 
 
 def _expansion(text: Optional[str]) -> tuple[int, ...]:
@@ -131,11 +138,11 @@ def _expansion(text: Optional[str]) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint="--expansion")
+        raise ValueError(f"--expansion: expected comma-separated integers, got {text!r}") from None
 
 
 def tree_config(o: ModelOptions):
-    """The tree settings (typer.BadParameter for bad ones)."""
+    """The tree settings (ValueError for bad ones)."""
     from offload_infer.speculate import TreeConfig
 
     try:
@@ -148,15 +155,13 @@ def tree_config(o: ModelOptions):
         return TreeConfig(budget=o.max_tree_budget if auto else int(o.tree_budget), auto=auto,
                           expansion=_expansion(o.expansion), max_depth=o.max_depth)
     except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        raise ValueError(str(e)) from None
 
 
 def build_engine(o: ModelOptions, n_requests: int):
     """Load the LLM and SSMs and build the engine, with a KV pool for ``n_requests`` requests of the
-    maximum length unless --kv-cache-size says otherwise. Returns (engine, tokenizer). Raises
-    typer.BadParameter for flag errors and ValueError/OSError/RuntimeError for the rest."""
-    import torch
-
+    maximum length unless --kv-cache-size says otherwise. Returns (engine, tokenizer). Raises ValueError
+    for bad settings (before anything loads) and ValueError/OSError/RuntimeError for what loading finds."""
     from offload_infer.engine import BLOCK_SIZE, Engine
     from offload_infer.offload import OffloadBuilder, parse_size
     from offload_infer.speculate import shared_vocab_size
@@ -165,12 +170,12 @@ def build_engine(o: ModelOptions, n_requests: int):
 
     tree_cfg = tree_config(o)
     dev = device_of(o.device)
-    dtype = torch.float32 if (o.use_full_precision or dev.type == "cpu") else torch.float16
+    dtype = dtype_for(dev, o.use_full_precision)
     if o.quant_4bit and o.quant_8bit:
-        raise typer.BadParameter("choose one of --4bit-quantization and --8bit-quantization")
+        raise ValueError("choose one of --4bit-quantization and --8bit-quantization")
     codec = o.quant_codec or ("nf4" if o.quant_4bit else "int8-row" if o.quant_8bit else None)
     if codec and not o.offload:
-        raise typer.BadParameter("weight compression applies to streamed weights: add --offload")
+        raise ValueError("weight compression applies to streamed weights: add --offload")
     resolved = resolve(o.llm if o.llm_weight is None else None, str(o.llm_weight) if o.llm_weight else None,
                        str(o.llm_config) if o.llm_config else None, str(o.tokenizer) if o.tokenizer else None)
     builder = resident_layers
