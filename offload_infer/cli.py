@@ -160,6 +160,8 @@ def generate(
                 sys.stdout.write("\n")
     except (ValueError, OSError, RuntimeError) as e:
         _err(str(e))
+    for notice in engine.notices:
+        typer.echo(f"note: {notice}", err=True)
     for r in results:
         typer.echo(f"[{r['llm_passes']} LLM passes, {len(r['output_token_ids'])} tokens, "
                    f"{r['tokens_per_s']:.2f} tokens/s, {r['tokens_per_pass_mean']:.2f} tokens/pass, "

@@ -32,6 +32,7 @@ from offload_infer.tree import TokenTree
 from offload_infer.verify import verify
 
 BLOCK_SIZE = 16  # KV slots per pool block
+SPEC_CHECK_STEPS = 8  # drafting steps over which speculation is compared with plain decoding
 
 
 def _default_kv_cap(device: torch.device) -> int:
@@ -116,6 +117,8 @@ class Engine:
         self._seqs: dict[int, Sequence] = {}
         self.steps = 0  # LLM passes so far
         self.batch_sizes: list[int] = []  # requests in each step's pass
+        self.notices: list[str] = []  # things a user should hear once (the CLI prints them)
+        self._spec_window: list[tuple[int, int, float, float]] = []  # drafting steps: tokens, requests, s, LLM s
 
     # ---- requests ----------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int]) -> None:
@@ -327,7 +330,27 @@ class Engine:
             s.stats.llm_time_s += t2 - t1
         if self.auto and plan.decode and budget == 0 and not plan.prefill:
             self.auto.observe_plain(t2 - t0)
+        if budget > 0 and plan.decode and not plan.prefill:
+            self._check_speculation(sum(len(o.new_tokens) for o in outputs), len(plan.decode), t2 - t0, t2 - t1)
         return outputs
+
+    def _check_speculation(self, tokens: int, requests: int, seconds: float, llm_seconds: float) -> None:
+        """Say once when, over the last SPEC_CHECK_STEPS drafting steps, the trees made fewer tokens per
+        second than plain decoding would (one token per request per LLM pass, at the measured pass time:
+        a generous estimate, as a pass without a tree is never slower)."""
+        w = self._spec_window
+        w.append((tokens, requests, seconds, llm_seconds))
+        del w[:-SPEC_CHECK_STEPS]
+        if len(w) < SPEC_CHECK_STEPS or any("slower than plain decoding" in n for n in self.notices):
+            return
+        with_trees = sum(x[0] for x in w) / sum(x[2] for x in w)
+        plain = sum(x[1] for x in w) / sum(x[3] for x in w)
+        if with_trees < plain:
+            advice = ("--tree-budget auto has switched drafting off" if self.auto else
+                      "try --tree-budget auto (it drafts only when that pays) or leave out --ssm")
+            self.notices.append(f"speculation is slower than plain decoding here: {with_trees:.1f} tokens/s with "
+                                f"the SSMs over the last {SPEC_CHECK_STEPS} passes, about {plain:.1f} without them "
+                                f"(from the LLM pass time alone); {advice}")
 
     def _verify_and_commit(self, decode: list[Sequence], trees: list[TokenTree], logits: torch.Tensor, budget: int,
                            depths: list[int], t0: float, t1: float, timed: bool) -> list[StepOutput]:

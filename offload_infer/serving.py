@@ -66,6 +66,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="offload-infer-engine", daemon=True)
         self.metrics = _Metrics(time.time())
         self.failed: str | None = None  # set if the engine loop died
+        self._told = 0  # engine notices logged so far
 
     def start(self) -> None:
         self._thread.start()
@@ -112,6 +113,9 @@ class EngineLoop:
                 m.step_seconds_total += time.perf_counter() - t0
                 m.passes_total += 1
                 m.running, m.waiting = len(self.engine.scheduler.running), len(self.engine.scheduler.waiting)
+                while len(self.engine.notices) > self._told:  # said once, in the server's log
+                    log.warning(self.engine.notices[self._told])
+                    self._told += 1
                 for o in outs:
                     m.tokens_total += len(o.new_tokens)
                     if o.id in live:

@@ -347,3 +347,28 @@ def test_stop_strings_inside_accepted_paths_equal_incremental(models):
     assert outs[1][1] == text[: text.index(stop)] and outs[1][2] == "stop"
     # a chain of 8 (the LLM drafting for itself) is accepted whole: tokens 1-9, then 10-18 cut after k + 2
     assert spec.sequence(sid).stats.tokens_per_pass == [9, k + 2 - 9]
+
+
+def test_slow_speculation_is_reported_once_and_auto_turns_it_off(models, monkeypatch):
+    import time as _time
+
+    from offload_infer.speculate import Drafter
+
+    llm, ssm = models["llm"], models["ssm"]
+    real = Drafter._run
+
+    def slow(self, states, asks):  # a drafting round that costs far more than the LLM pass
+        _time.sleep(0.01)
+        return real(self, states, asks)
+
+    monkeypatch.setattr(Drafter, "_run", slow)
+    engine = Engine(llm, [ssm], TreeConfig(budget=4), max_sequence_length=96)
+    alone(engine, PROMPTS[0], SamplingParams(max_new_tokens=30, ignore_eos=True))
+    assert len(engine.notices) == 1 and "slower than plain decoding" in engine.notices[0]
+    assert "tokens/s with the SSMs" in engine.notices[0] and "--tree-budget auto" in engine.notices[0]
+    auto = Engine(llm, [ssm], TreeConfig(budget=16, auto=True), max_sequence_length=96)
+    sid = auto.add_request(PROMPTS[0], SamplingParams(max_new_tokens=40, ignore_eos=True))
+    while auto.has_unfinished():
+        auto.step()
+    budgets = auto.sequence(sid).stats.budgets
+    assert budgets[-16:].count(0) >= 12, budgets  # plain decoding, with a probe now and then
