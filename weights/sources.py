@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from weights.gguf_reader import GGUFFile, GGUFFormatError
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt or does not match the model config."""
@@ -141,20 +143,17 @@ _GGUF_LAYER = {
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def open_gguf(path: Path):
-    import gguf
-
+def open_gguf(path: Path) -> GGUFFile:
     try:
-        return gguf.GGUFReader(str(path), "r")
-    except Exception as e:
+        return GGUFFile(path)
+    except GGUFFormatError as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the parser trip on
         raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def gguf_field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+def gguf_field(reader: GGUFFile, key: str, default=None):
+    return reader.values.get(key, default)
 
 
 class GGUFSource:
