@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,26 +108,45 @@ def plan_names(config: FamilyConfig, source: TensorSource, packed: dict[str, str
 def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, str], dtype: torch.dtype,
                 progress: bool, desc: str, packed: dict[str, str] | None = None) -> Iterator[dict[str, Tensor]]:
     """Each layer's tensors on the CPU; packed matrices of a compressed checkpoint come under
-    ``"__prepacked__"`` as ``{name: (qdata, QuantState)}``."""
+    ``"__prepacked__"`` as ``{name: (qdata, QuantState)}``. Tensors are read (and GGUF blocks
+    dequantized, which numpy does with the GIL released) on a few threads, the next layer's while the
+    caller handles this one. The bar shows on a terminal only and leaves no line behind (load_model
+    prints one summary)."""
     from tqdm import tqdm
 
-    for i in tqdm(range(config.n_layers), desc=desc, unit="layer", file=sys.stderr, disable=not progress,
-                  leave=False):
+    def read(i: int) -> dict:
         prefix = config.layer_prefix(i)
-        layer: dict = {}
-        prepacked = {}
-        for k, shape in config.layer_shapes().items():
-            src = mapping[prefix + k]
-            if src.endswith(".qdata"):
-                assert packed is not None
-                scales = source.load(src[: -len(".qdata")] + ".scales")
-                state = QuantState(packed["codec"], tuple(shape), dtype, int(packed["block_size"]), scales)
-                prepacked[k] = (source.load(src), state)
-            else:
-                layer[k] = _cast(source.load(src), dtype)
-        if prepacked:
-            layer["__prepacked__"] = prepacked
-        yield layer
+        names = list(config.layer_shapes().items())
+        return {k: pool.submit(_read_one, source, mapping[prefix + k], shape, dtype, packed) for k, shape in names}
+
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        ahead = read(0) if config.n_layers else {}
+        bar = tqdm(range(config.n_layers), desc=desc, unit="layer", file=sys.stderr, leave=False,
+                   disable=not progress or not sys.stderr.isatty())
+        for i in bar:
+            current, ahead = ahead, (read(i + 1) if i + 1 < config.n_layers else {})
+            layer: dict = {}
+            prepacked = {}
+            for k, fut in current.items():
+                kind, value = fut.result()
+                if kind == "packed":
+                    prepacked[k] = value
+                else:
+                    layer[k] = value
+            if prepacked:
+                layer["__prepacked__"] = prepacked
+            yield layer
+
+
+def _read_one(source: TensorSource, src: str, shape: tuple[int, ...], dtype: torch.dtype,
+              packed: dict[str, str] | None) -> tuple[str, object]:
+    if src.endswith(".qdata"):
+        assert packed is not None
+        scales = source.load(src[: -len(".qdata")] + ".scales")
+        state = QuantState(packed["codec"], tuple(shape), dtype, int(packed["block_size"]), scales)
+        return "packed", (source.load(src), state)
+    return "dense", _cast(source.load(src), dtype)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -148,6 +170,7 @@ def load_model(
     progress: bool = True,
 ) -> LoadedModel:
     device = torch.device(device)
+    t0 = time.perf_counter()
     source, cfg = open_source(resolved)
     config = config_from_dict(cfg, model_type)
     packed = compression_of(source)
@@ -160,4 +183,8 @@ def load_model(
                                                packed), device, dtype)
     tokenizer = load_tokenizer_for(resolved, source, cfg)
     model = CausalLM(config, ModelWeights(globals_, layers), device, dtype)
+    if progress:
+        size = sum(f.stat().st_size for f in resolved.files if f.is_file())
+        print(f"loaded {resolved.name} ({config.n_layers} layers, {size / 1e9:.2f} GB on disk) to {device} "
+              f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return LoadedModel(model, tokenizer, cfg, resolved.name)
