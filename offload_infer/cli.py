@@ -102,15 +102,11 @@ def generate(
                                                "(one prompt); - reads stdin.", rich_help_panel=IO),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens generated per prompt.",
                                        rich_help_panel=SAMPLING),
-    temperature: float = typer.Option(0.0, "--temperature", "--temp", min=0.0, help="0 = greedy.",
-                                      rich_help_panel=SAMPLING),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling: keep the most likely tokens up to "
-                                "this probability mass (1 = all).", rich_help_panel=SAMPLING),
-    top_k: int = typer.Option(0, min=0, help="Keep the k most likely tokens (0 = all).", rich_help_panel=SAMPLING),
-    repetition_penalty: float = typer.Option(1.0, min=0.0, help="Above 1 discourages tokens already in the "
-                                             "context (1 = off).", rich_help_panel=SAMPLING),
-    seed: Optional[int] = typer.Option(None, min=0, help="Seed of each request's sampling (reproducible draws).",
-                                       rich_help_panel=SAMPLING),
+    temperature: float = opts.TEMPERATURE,
+    top_p: float = opts.TOP_P,
+    top_k: int = opts.TOP_K,
+    repetition_penalty: float = opts.REPETITION_PENALTY,
+    seed: Optional[int] = opts.SEED,
     stop: list[str] = typer.Option([], "--stop", metavar="TEXT", help="End the output before this text (repeatable).",
                                    rich_help_panel=SAMPLING),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template [default: when the "

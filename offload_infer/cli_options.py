@@ -44,6 +44,15 @@ MAX_BATCH_SIZE = typer.Option(8, min=1, help="Most requests served together (one
 MAX_BATCH_TOKENS = typer.Option(2048, min=1, help="Most tokens (trees and prompt chunks) in one LLM pass.", rich_help_panel="Batching")
 KV_CACHE_SIZE = typer.Option(None, metavar="SIZE", help="LLM KV pool size: MB, or with a K/M/G suffix [default: room for the "
                                         "batch at the maximum length].", rich_help_panel="Batching")
+SAMPLING = "Sampling"
+TEMPERATURE = typer.Option(0.0, "--temperature", "--temp", min=0.0, help="0 = greedy.", rich_help_panel=SAMPLING)
+TOP_P = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling: keep the most likely tokens up to this "
+                     "probability mass (1 = all).", rich_help_panel=SAMPLING)
+TOP_K = typer.Option(0, min=0, help="Keep the k most likely tokens (0 = all).", rich_help_panel=SAMPLING)
+REPETITION_PENALTY = typer.Option(1.0, min=0.0, help="Above 1 discourages tokens already in the context (1 = off).",
+                                  rich_help_panel=SAMPLING)
+SEED = typer.Option(None, min=0, help="Seed of each request's sampling (reproducible draws).",
+                    rich_help_panel=SAMPLING)
 EAGER = typer.Option(False, help="Run the SSMs eagerly instead of replaying CUDA graphs.", rich_help_panel="Speculation")
 
 

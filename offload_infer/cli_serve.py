@@ -60,10 +60,11 @@ def serve(
 def chat(
     system: Optional[str] = typer.Option(None, help="System prompt."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1, help="Most tokens per answer."),
-    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(1.0),
-    top_k: int = typer.Option(0, min=0),
-    seed: Optional[int] = typer.Option(None),
+    temperature: float = opts.TEMPERATURE,
+    top_p: float = opts.TOP_P,
+    top_k: int = opts.TOP_K,
+    repetition_penalty: float = opts.REPETITION_PENALTY,
+    seed: Optional[int] = opts.SEED,
     mo: opts.ModelOptions = None,
 ) -> None:
     """Chat in the terminal (/reset clears the conversation, /exit or Ctrl-D ends; Ctrl-C stops an answer)."""
@@ -71,7 +72,7 @@ def chat(
     from offload_infer.sampling import SamplingParams
 
     try:
-        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty)
         engine, tok = opts.build_engine(mo, 1)
         session = ChatSession(engine, tok, params, system)
     except (ValueError, OSError, RuntimeError) as e:
