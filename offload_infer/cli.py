@@ -13,6 +13,7 @@ import typer
 
 from offload_infer import cli_options as opts
 from offload_infer.cli_help import PanelCommand, PanelGroup
+from offload_infer.safe_io import check_output, model_inputs, write_atomic
 
 SAMPLING, IO = "Sampling", "Input and output"
 
@@ -134,6 +135,10 @@ def generate(
         raise typer.BadParameter(str(e)) from None
     try:
         opts.tree_config(mo)
+        inputs = model_inputs(mo.llm, mo.llm_weight, mo.llm_config, mo.tokenizer, *mo.ssm, prompt_file)
+        # outputs are checked before anything loads: never an input, in a directory that can be written
+        output_file = check_output(output_file, inputs, "--output-file") if output_file else None
+        stats_file = check_output(stats_file, inputs, "--stats-file") if stats_file else None
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     try:
@@ -171,9 +176,9 @@ def generate(
     if as_json:
         typer.echo(json.dumps(results, indent=2))
     if output_file is not None:
-        output_file.write_text(json.dumps(results, indent=2), encoding="utf-8")
+        write_atomic(output_file, json.dumps(results, indent=2))
     if stats_file is not None:
-        stats_file.write_text(json.dumps(aggregate, indent=2), encoding="utf-8")
+        write_atomic(stats_file, json.dumps(aggregate, indent=2))
 
 
 def _aggregate(results: list[dict], batch_sizes: list[int], wall_s: float) -> dict:

@@ -282,3 +282,62 @@ def test_loading_leaves_one_line_and_no_progress_frames_when_stderr_is_a_file(ti
     assert "\r" not in text
     lines = [ln for ln in text.splitlines() if ln.startswith("loaded ")]
     assert len(lines) == 1 and "2 layers" in lines[0] and " s" in lines[0]
+
+
+def _digest(p):
+    import hashlib
+
+    if p.is_dir():
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(p.iterdir()) if f.is_file()}
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_outputs_never_overwrite_inputs_and_are_checked_before_loading(tiny_dirs, tmp_path, smollm2_path):
+    import shutil
+
+    gguf_copy = tmp_path / "model.gguf"
+    shutil.copy(smollm2_path, gguf_copy)
+    before = _digest(gguf_copy)
+    r = run("generate", "hi", "-m", gguf_copy, "--output-file", gguf_copy, "-n", 2)
+    assert r.exit_code != 0 and "would overwrite an input" in r.output and "Traceback" not in r.output
+    assert _digest(gguf_copy) == before
+    d = tiny_dirs["llama"][0]
+    before = _digest(d)
+    r = run("generate", "hi", "-m", d, "--output-file", d / "config.json", "-n", 2)
+    assert r.exit_code != 0 and "would overwrite an input" in r.output
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text('["a"]')
+    r = run("generate", "-f", prompts, "-m", d, "--output-file", prompts, "-n", 2)
+    assert r.exit_code != 0 and prompts.read_text() == '["a"]'
+    r = run("generate", "hi", "-m", d, "--output-file", tmp_path / "missing" / "out.json", "-n", 2)
+    assert r.exit_code != 0 and "does not exist" in r.output and "loaded" not in r.output  # before loading
+    r = run("compress", d, "--out", d, "--force", "--bits", "8")
+    assert r.exit_code != 0 and "overlaps the model" in r.output
+    assert _digest(d) == before
+    out = tmp_path / "ok.json"
+    assert run("generate", "hi", "-m", d, "--output-file", out, "-n", 2, "--no-chat").exit_code == 0
+    assert json.loads(out.read_text())[0]["output_token_ids"] and not list(tmp_path.glob(".ok.json.tmp-*"))
+
+
+def test_an_interrupted_compress_leaves_the_previous_output(tiny_dirs, tmp_path, monkeypatch):
+    import weights.compress as wc
+    from weights.resolve import resolve
+
+    d = tiny_dirs["llama"][0]
+    out = tmp_path / "c"
+    assert run("compress", d, "--out", out, "--bits", "8").exit_code == 0
+    before = _digest(out)
+    real = wc.quantize
+    calls = []
+
+    def failing(*a, **k):  # the disk fills (or Ctrl-C) half way through the layers
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(wc, "quantize", failing)
+    with pytest.raises(KeyboardInterrupt):
+        wc.compress(resolve(str(d)), out, "nf4", force=True, progress=False)
+    assert _digest(out) == before  # the previous output, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no partial directory left behind

@@ -10,6 +10,7 @@ the format, its version, the codec, block size and dtype.
 from __future__ import annotations
 
 import json
+import os
 import math
 import shutil
 from pathlib import Path
@@ -60,18 +61,47 @@ def compression_of(source) -> dict[str, str] | None:
 def compress(resolved: ResolvedModel, out: Path, codec: str, block_size: int = 64, dtype: torch.dtype = torch.float16,
              force: bool = False, device: torch.device | None = None, model_type: str | None = None,
              progress: bool = True) -> Path:
-    from weights.load import iter_layers, load_tokenizer_for, open_source, plan_names
-
-    out = Path(out)
+    out = Path(out).expanduser().resolve()
+    for f in (*resolved.files, resolved.config_path, resolved.tokenizer_path):
+        if f is not None and (out == Path(f).resolve() or Path(f).resolve().is_relative_to(out)):
+            raise ValueError(f"--out {out} overlaps the model being compressed ({f}); choose another directory")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist")
+    # built beside the target and swapped in only when complete: an interruption or a full disk leaves
+    # the previous output (or nothing), never a mix of two models
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    try:
+        _compress_into(work, resolved, codec, block_size, dtype, device, model_type, progress)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(work, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(work, out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _compress_into(out: Path, resolved: ResolvedModel, codec: str, block_size: int, dtype: torch.dtype,
+                   device: torch.device | None, model_type: str | None, progress: bool) -> None:
+    from weights.load import iter_layers, load_tokenizer_for, open_source, plan_names
+
     source, cfg = open_source(resolved)
     if compression_of(source):
         raise CheckpointError(f"{resolved.name} is already compressed")
     config = config_from_dict(cfg, model_type)
     mapping = plan_names(config, source)
     need = compressed_size(config, codec, block_size, dtype)
-    out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
     if free < need * 1.05:
         raise OSError(f"compressing needs about {need / 1e9:.2f} GB in {out}, {free / 1e9:.2f} GB is free")
@@ -105,4 +135,3 @@ def compress(resolved: ResolvedModel, out: Path, codec: str, block_size: int = 6
     tok = load_tokenizer_for(resolved, source, cfg)
     if tok is not None:
         tok.save(out)
-    return out
