@@ -5,6 +5,7 @@ the offline models."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,7 +18,8 @@ from offload_infer.safe_io import check_output, model_inputs, write_atomic
 
 SAMPLING, IO = "Sampling", "Input and output"
 
-app = typer.Typer(no_args_is_help=True, help=__doc__, cls=PanelGroup, rich_markup_mode=None)
+app = typer.Typer(no_args_is_help=True, help=__doc__, cls=PanelGroup, rich_markup_mode=None,
+                  pretty_exceptions_enable=False)
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
@@ -31,8 +33,50 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show the traceback of an unexpected error.")) -> None:
     pass
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM: unwinds the work like KeyboardInterrupt (so finished results are still written)
+    but passes the CLI framework, which would turn a KeyboardInterrupt into a plain "Aborted"."""
+
+    def __init__(self, code: int, what: str) -> None:
+        super().__init__(what)
+        self.code = code
+
+
+class StdoutClosed(BaseException):
+    """stdout's reader went away (``| head``): the CLI framework would call that an error."""
+
+
+def main() -> None:
+    """The console entry point: conventional exit codes (130 Ctrl-C, 143 SIGTERM, 0 when stdout's reader
+    goes away) and one line, never a traceback, for what goes wrong (``--debug`` shows the traceback of
+    an unexpected error)."""
+    import signal
+
+    def on_signal(code: int, what: str):
+        def handler(signum, frame):
+            raise Interrupted(code, what)
+        return handler
+
+    signal.signal(signal.SIGINT, on_signal(130, "interrupted"))
+    signal.signal(signal.SIGTERM, on_signal(143, "terminated"))
+    try:
+        app()
+    except Interrupted as e:
+        sys.stderr.write(f"\noffload-infer: {e}\n")
+        sys.exit(e.code)
+    except (BrokenPipeError, StdoutClosed):  # the reader of stdout went away (e.g. `| head`): not an error
+        sys.stdout = open(os.devnull, "w")
+        sys.exit(0)
+    except Exception as e:  # noqa: BLE001 - the last guard; specific errors are checked where they arise
+        if "--debug" in sys.argv:
+            raise
+        sys.stderr.write(f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)\n")
+        sys.exit(1)
 
 
 models_app = typer.Typer(no_args_is_help=True, help="Offline models that travel inside PyPI wheels.", cls=PanelGroup)
@@ -153,14 +197,32 @@ def generate(
             rm.register_new_request(p)
         one = len(prompts) == 1
         stream = (lambda guid, text: (sys.stdout.write(text), sys.stdout.flush())) if one and not as_json else None
-        results = rm.serve(stream)
+        try:
+            results = rm.serve(stream)
+        except (Interrupted, KeyboardInterrupt, BrokenPipeError) as e:
+            # interrupted (Ctrl-C, SIGTERM) or stdout closed: the finished requests' results are kept
+            if output_file is not None:
+                write_atomic(output_file, json.dumps(rm.completed, indent=2))
+            if isinstance(e, BrokenPipeError):
+                raise StdoutClosed() from None
+            raise
         if not as_json:
             for i, r in enumerate(results):
                 if not one:
                     sys.stdout.write(f"--- {i + 1}/{len(results)} ---\n{r['output_text']}")
                 sys.stdout.write("\n")
+    except BrokenPipeError:
+        raise StdoutClosed() from None
     except (ValueError, OSError, RuntimeError) as e:
         _err(str(e))
+    try:
+        _report(engine, results, rm, as_json, output_file, stats_file)
+    except BrokenPipeError:
+        raise StdoutClosed() from None
+
+
+def _report(engine, results: list[dict], rm, as_json: bool, output_file: Optional[Path],
+            stats_file: Optional[Path]) -> None:
     for notice in engine.notices:
         typer.echo(f"note: {notice}", err=True)
     for r in results:
@@ -275,4 +337,4 @@ app.command(cls=PanelCommand)(serve)
 app.command(cls=PanelCommand)(chat)
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -63,6 +63,7 @@ class RequestManager:
         self._pending: list[Request] = []
         self._guids = itertools.count(1000000)
         self.batch_sizes: list[int] = []  # requests in each LLM pass of the last serve()
+        self.completed: list[dict] = []  # results of the last serve() as they finish (kept if it is interrupted)
         self.wall_s = 0.0  # duration of the last serve()
 
     def register_new_request(
@@ -105,6 +106,7 @@ class RequestManager:
             sid = self.engine.add_request(req.prompt_token_ids, req.params)
             live[sid] = _Live(req, sid, TextStream(self.tokenizer, req.params.stop), start)
         results: dict[int, dict] = {}
+        self.completed = []
         try:
             while len(results) < len(take):
                 for out in self.engine.step():
@@ -118,6 +120,7 @@ class RequestManager:
                         on_text(lv.req.guid, text)
                     if out.finished:
                         results[out.id] = self._result(lv)
+                        self.completed.append(results[out.id])
                         self.engine.forget(out.id)
         finally:
             for sid in live:
