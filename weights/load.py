@@ -24,7 +24,7 @@ from quant.codecs import QuantState, packed_nbytes
 from weights.compress import compression_of
 from weights.resolve import ResolvedModel
 from weights.sources import CheckpointError, GGUFSource, SafetensorsSource, TensorSource, TorchBinSource, gguf_config
-from weights.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, tokenizer_from_gguf
+from weights.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, tokenizer_error, tokenizer_from_gguf
 
 # Buffers some checkpoints carry that the forward recomputes.
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
@@ -155,7 +155,12 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def load_tokenizer_for(resolved: ResolvedModel, source: TensorSource, cfg: dict) -> Tokenizer | None:
     if resolved.kind == "gguf":
-        return tokenizer_from_gguf(source.reader, resolved.files[0])  # type: ignore[attr-defined]
+        try:
+            return tokenizer_from_gguf(source.reader, resolved.files[0])  # type: ignore[attr-defined]
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged vocabulary or template in the file's metadata
+            raise tokenizer_error(resolved.files[0], e) from None
     assert resolved.tokenizer_path is not None
     return load_tokenizer(resolved.tokenizer_path, cfg) if has_tokenizer(resolved.tokenizer_path) else None
 
@@ -178,10 +183,13 @@ def load_model(
     prepare = getattr(layer_builder, "prepare", None)
     if prepare is not None:  # plan (and check memory) before anything large is allocated
         prepare(config, device, dtype, packed["codec"] if packed else None, int(packed["block_size"]) if packed else None)
+    tokenizer = load_tokenizer_for(resolved, source, cfg)  # checked before any weight is read
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{resolved.name}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                              f"embeddings only {config.vocab_size} rows: they do not belong together")
     globals_ = {n: _cast(source.load(mapping[n]), dtype).to(device) for n in config.global_shapes()}
     layers = layer_builder(config, iter_layers(config, source, mapping, dtype, progress, f"loading {resolved.name}",
                                                packed), device, dtype)
-    tokenizer = load_tokenizer_for(resolved, source, cfg)
     model = CausalLM(config, ModelWeights(globals_, layers), device, dtype)
     if progress:
         size = sum(f.stat().st_size for f in resolved.files if f.is_file())

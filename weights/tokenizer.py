@@ -47,6 +47,22 @@ class Tokenizer:
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.eos_token = eos_token
+        if chat_template is not None:
+            self._environment().from_string(chat_template)  # a broken template is refused when loaded
+
+    @staticmethod
+    def _environment():
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
+        return env
 
     # -- encode / decode ------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -96,17 +112,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template; use --no-chat")
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent, ensure_ascii=False)
-        return env.from_string(self.chat_template).render(
+        return self._environment().from_string(self.chat_template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
@@ -138,9 +144,12 @@ def _read_json(path: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a {type(data).__name__}")
+    return data
 
 
 def _eos_from_config(value) -> set[int]:
@@ -158,8 +167,24 @@ def has_tokenizer(path: Path) -> bool:
 
 def load_tokenizer(path: Path, model_config: dict | None = None) -> Tokenizer:
     """From a directory (or a ``tokenizer.json``/``tokenizer.model`` file), with the special ids and
-    chat template of ``tokenizer_config.json``, ``generation_config.json`` and the model config."""
-    path = Path(path)
+    chat template of ``tokenizer_config.json``, ``generation_config.json`` and the model config. Any
+    failure is a CheckpointError naming the file."""
+    try:
+        return _load_tokenizer(Path(path), model_config)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the tokenizers/sentencepiece/jinja2 libraries raise many kinds
+        raise tokenizer_error(path, e) from None
+
+
+def tokenizer_error(path: Path, e: Exception) -> CheckpointError:
+    from jinja2.exceptions import TemplateSyntaxError
+
+    what = "its chat template does not compile" if isinstance(e, TemplateSyntaxError) else "it cannot be loaded"
+    return CheckpointError(f"tokenizer at {path}: {what} ({type(e).__name__}: {e})")
+
+
+def _load_tokenizer(path: Path, model_config: dict | None) -> Tokenizer:
     if path.suffix == ".gguf":
         from weights.sources import open_gguf
 
@@ -206,7 +231,11 @@ def load_tokenizer(path: Path, model_config: dict | None = None) -> Tokenizer:
         eos_ids.add(to_id(eos_tok))
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{d / 'tokenizer_config.json'}: chat_template must be a string, found "
+                              f"{type(template).__name__}")
     if template is None and (d / "chat_template.jinja").exists():
         template = (d / "chat_template.jinja").read_text(encoding="utf-8")
     return Tokenizer(backend, bos_id=bos_id, eos_ids=eos_ids, add_bos=bool(add_bos), chat_template=template,
