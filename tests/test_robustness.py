@@ -126,3 +126,47 @@ def test_concurrent_fetches_of_one_model_both_succeed(tmp_path):
     path = Path(paths.pop())
     assert path.read_bytes() == payload
     assert not [p for p in path.parent.iterdir() if "partial" in p.name]
+
+
+def _mutations(data: bytes, n: int, head: int, seed: int):
+    import random
+
+    rng = random.Random(seed)
+    for i in range(n):
+        b = bytearray(data)
+        kind = i % 4
+        if kind == 0:  # flip bytes in the header / metadata
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(min(head, len(b)))] = rng.randrange(256)
+        elif kind == 1:  # cut the file short
+            b = b[: rng.randrange(len(b))]
+        elif kind == 2:  # overwrite a run with random bytes
+            at = rng.randrange(min(head, len(b)))
+            b[at: at + 16] = bytes(rng.randrange(256) for _ in range(16))
+        else:  # an absurd length field
+            at = rng.randrange(min(head, len(b)) - 8)
+            b[at: at + 8] = rng.choice([b"\xff" * 8, (2**62).to_bytes(8, "little"), b"\x00" * 8])
+        yield bytes(b)
+
+
+def test_fuzzed_gguf_and_safetensors_headers_only_raise_checkpoint_errors(tiny_dirs, tmp_path):
+    """Thousands of random mutations of valid files: each either loads or raises CheckpointError."""
+    from weights.sources import CheckpointError, GGUFSource, SafetensorsSource
+
+    from tests.test_gguf_reader import _write
+
+    _write(tmp_path / "small.gguf")
+    small = (tmp_path / "small.gguf").read_bytes()
+    cases = [("gguf", small, len(small), lambda p: GGUFSource(p)),
+             ("safetensors", (tiny_dirs["llama"][0] / "model.safetensors").read_bytes(), 4096,
+              lambda p: SafetensorsSource([p]))]
+    for kind, data, head, open_ in cases:
+        for i, blob in enumerate(_mutations(data, 1000, head, seed=len(kind))):
+            p = tmp_path / f"m.{kind}"
+            p.write_bytes(blob)
+            try:
+                open_(p)
+            except CheckpointError:
+                pass
+            except Exception as e:  # noqa: BLE001 - what the test is looking for
+                raise AssertionError(f"{kind} mutation {i}: {type(e).__name__}: {e}") from None

@@ -50,13 +50,25 @@ def read_safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.get("__metadata__")
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+              and isinstance(info.get("shape"), list) and all(type(d) is int and d >= 0 for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(type(o) is int and o >= 0 for o in info["data_offsets"])
+              and info["data_offsets"][0] <= info["data_offsets"][1])
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}: {str(info)[:200]}")
         lo, hi = info["data_offsets"]
-        numel = int(np.prod(info["shape"])) if info["shape"] else 1
-        if hi - lo != numel * _ST_DTYPES.get(info["dtype"], 0) and info["dtype"] in _ST_DTYPES:
+        numel = int(np.prod(info["shape"], dtype=np.float64)) if info["shape"] else 1
+        if info["dtype"] in _ST_DTYPES and hi - lo != numel * _ST_DTYPES[info["dtype"]]:
             raise CheckpointError(f"{path}: tensor {name!r} has {hi - lo} bytes for shape {info['shape']}")
         end = max(end, hi)
     if 8 + n + end > size:
@@ -83,7 +95,10 @@ class SafetensorsSource:
                 if name != "__metadata__":
                     self._where[name] = path
                     self._shapes[name] = tuple(info["shape"])
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # noqa: BLE001 - the safetensors library's own checks, past ours
+                raise CheckpointError(f"{path}: corrupt safetensors file ({type(e).__name__}: {e})") from None
 
     def keys(self) -> set[str]:
         return set(self._where)
