@@ -133,6 +133,8 @@ def _prompts(prompt: Optional[str], prompt_file: Optional[Path]) -> list[str]:
         prompt = sys.stdin.read().rstrip("\n")
         if not prompt:
             raise typer.BadParameter("the prompt read from stdin is empty")
+    if not prompt.strip():
+        raise typer.BadParameter("the prompt is empty")
     return [prompt]
 
 

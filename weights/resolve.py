@@ -55,6 +55,8 @@ def _from_dir(name: str, d: Path, config: Path | None = None, tokenizer: Path | 
 
 
 def _with_tokenizer(r: ResolvedModel, tokenizer: str | None) -> ResolvedModel:
+    if tokenizer and not Path(tokenizer).exists():
+        raise CheckpointError(f"--tokenizer {tokenizer} does not exist")
     return dataclasses.replace(r, tokenizer_path=Path(tokenizer)) if tokenizer else r
 
 
