@@ -341,3 +341,26 @@ def test_an_interrupted_compress_leaves_the_previous_output(tiny_dirs, tmp_path,
         wc.compress(resolve(str(d)), out, "nf4", force=True, progress=False)
     assert _digest(out) == before  # the previous output, whole
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no partial directory left behind
+
+
+def test_a_full_disk_during_compress_is_one_line_and_changes_nothing(tiny_dirs, tmp_path, monkeypatch):
+    import weights.compress as wc
+    from safetensors import SafetensorError
+
+    d = tiny_dirs["llama"][0]
+    out = tmp_path / "c"
+    assert run("compress", d, "--out", out, "--bits", "8").exit_code == 0
+    before = _digest(out)
+    real, calls = wc.save_file, []
+
+    def full_disk(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                  "message: \"No space left on device\" })")
+        return real(*a, **k)
+
+    monkeypatch.setattr(wc, "save_file", full_disk)
+    r = run("compress", d, "--out", out, "--bits", "4", "--force")
+    assert r.exit_code != 0 and "No space left on device" in r.output and "Traceback" not in r.output
+    assert _digest(out) == before and [p.name for p in tmp_path.iterdir()] == ["c"]

@@ -111,7 +111,10 @@ def _compress_into(out: Path, resolved: ResolvedModel, codec: str, block_size: i
     weight_map: dict[str, str] = {}
 
     def write(tensors: dict[str, torch.Tensor], name: str) -> None:
-        save_file(tensors, str(out / name), metadata=meta)
+        try:
+            save_file(tensors, str(out / name), metadata=meta)
+        except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+            raise OSError(f"cannot write {name} ({e}); nothing was changed in the output directory") from None
         weight_map.update({k: name for k in tensors})
 
     write({n: source.load(mapping[n]).to(dtype).contiguous() for n in config.global_shapes()}, "model-globals.safetensors")
