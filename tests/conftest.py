@@ -123,3 +123,17 @@ def smollm2_path() -> Path:
 def _offline_hub():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     yield
+
+
+def swapped_vocab_copy(src: Path, dst: Path) -> Path:
+    """A copy of a model directory whose tokenizer swaps two tokens: a different vocabulary."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    tj = json.loads((dst / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (dst / "tokenizer.json").write_text(json.dumps(tj))
+    return dst

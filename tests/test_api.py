@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 
@@ -12,6 +9,7 @@ from offload_infer import LLM, SamplingParams
 from offload_infer.cli_options import device_of, dtype_for
 from offload_infer.engine import Engine
 from offload_infer.speculate import VocabularyMismatchError
+from tests.conftest import swapped_vocab_copy
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +42,7 @@ def test_generate_chat_and_stream_agree_with_the_engine(llm):
 
 
 def test_the_same_checks_as_the_cli(tiny_dirs, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(tiny_dirs["qwen2"][0], other)
-    tj = json.loads((other / "tokenizer.json").read_text())
-    vocab = tj["model"]["vocab"]
-    a, b = sorted(vocab, key=vocab.get)[100:102]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (other / "tokenizer.json").write_text(json.dumps(tj))
+    other = swapped_vocab_copy(tiny_dirs["qwen2"][0], tmp_path / "other")
     with pytest.raises(VocabularyMismatchError, match="disagree on token"):
         LLM(str(tiny_dirs["llama"][0]), ssm=str(other))
     with pytest.raises(ValueError, match="unknown quantization"):

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.conftest import swapped_vocab_copy
+
 # (arguments, a substring the error names, case-insensitive); {d} a tiny model, {t} a scratch directory
 CASES = [
     (["generate", "hi", "-m", "{d}", "--temperature", "-1"], "--temperature"),
@@ -112,13 +114,7 @@ def scratch(tiny_dirs, tmp_path_factory):
     (t / "prompts.json").write_text('["a", "b"]')
     (t / "nonempty").mkdir()
     (t / "nonempty" / "keep.txt").write_text("keep me")
-    other = t / "other-vocab"
-    shutil.copytree(tiny_dirs["qwen2"][0], other)
-    tj = json.loads((other / "tokenizer.json").read_text())
-    vocab = tj["model"]["vocab"]
-    a, b = sorted(vocab, key=vocab.get)[100:102]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (other / "tokenizer.json").write_text(json.dumps(tj))
+    swapped_vocab_copy(tiny_dirs["qwen2"][0], t / "other-vocab")
     v = variant("no-template")
     cfg = json.loads((v / "tokenizer_config.json").read_text())
     cfg.pop("chat_template")

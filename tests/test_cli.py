@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from offload_infer.cli import app
+from tests.conftest import swapped_vocab_copy
 
 runner = CliRunner()
 
@@ -76,16 +77,8 @@ def test_bad_input_errors(tiny_dirs, tmp_path, args, message):
 
 
 def test_ssm_with_other_vocabulary_is_refused(tiny_dirs, tmp_path):
-    import shutil
-
     d = tiny_dirs["llama"][0]
-    other = tmp_path / "other"
-    shutil.copytree(tiny_dirs["qwen2"][0], other)
-    tj = json.loads((other / "tokenizer.json").read_text())
-    vocab = tj["model"]["vocab"]
-    a, b = sorted(vocab, key=vocab.get)[100:102]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (other / "tokenizer.json").write_text(json.dumps(tj))
+    other = swapped_vocab_copy(tiny_dirs["qwen2"][0], tmp_path / "other")
     r = run("generate", "hi", "-m", d, "--ssm", other, "-n", 2)
     assert r.exit_code != 0 and "disagree on token" in r.output
 
