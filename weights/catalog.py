@@ -89,6 +89,12 @@ def _marker(target: Path) -> Path:
     return target.with_name(target.name + ".verified")
 
 
+def _write_marker(entry: CatalogEntry, target: Path) -> None:
+    tmp = target.with_name(f"{target.name}.verified-{os.getpid()}")
+    tmp.write_text(_stamp(entry, target))
+    os.replace(tmp, _marker(target))
+
+
 def _stamp(entry: CatalogEntry, target: Path) -> str:
     st = target.stat()
     return f"{entry.sha256} {st.st_size} {st.st_mtime_ns}"
@@ -105,7 +111,7 @@ def is_verified(entry: CatalogEntry, target: Path | None = None) -> bool:
         return True
     if sha256_of(target) != entry.sha256:
         return False
-    marker.write_text(_stamp(entry, target))
+    _write_marker(entry, target)
     return True
 
 
@@ -167,7 +173,7 @@ def _download(entry: CatalogEntry, target: Path, log) -> None:
         if digest != entry.sha256:
             raise RuntimeError(f"{entry.name}: sha256 mismatch: expected {entry.sha256}, got {digest}")
         os.replace(partial, target)
-        _marker(target).write_text(_stamp(entry, target))
+        _write_marker(entry, target)
         log(f"{entry.name}: verified sha256, cached at {target}")
     finally:
         if partial.exists():
