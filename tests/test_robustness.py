@@ -170,3 +170,40 @@ def test_fuzzed_gguf_and_safetensors_headers_only_raise_checkpoint_errors(tiny_d
                 pass
             except Exception as e:  # noqa: BLE001 - what the test is looking for
                 raise AssertionError(f"{kind} mutation {i}: {type(e).__name__}: {e}") from None
+
+
+def test_a_signal_mid_compress_leaves_the_previous_output(tiny_dirs, tmp_path):
+    """A real SIGINT/SIGTERM to a compress process (its quantizer slowed down so the signal lands
+    half way): the previous output stays whole, no partial directory remains, the exit code is
+    conventional."""
+    import hashlib
+
+    d = tiny_dirs["llama"][0]
+    out = tmp_path / "c"
+    first = subprocess.run([sys.executable, "-m", "offload_infer.cli", "compress", str(d), "--out", str(out),
+                            "--bits", "8"], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+
+    def digest():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+
+    before = digest()
+    slow = ("import sys, time, weights.compress as wc\n"
+            "real = wc.quantize\n"
+            "def quantize(*a, **k):\n"
+            "    time.sleep(0.3)\n"
+            "    return real(*a, **k)\n"
+            "wc.quantize = quantize\n"
+            "from offload_infer.cli import main\n"
+            "sys.argv = ['offload-infer'] + sys.argv[1:]\n"
+            "main()\n")
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        proc = subprocess.Popen([sys.executable, "-c", slow, "compress", str(d), "--out", str(out), "--bits", "4",
+                                 "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(4.0)  # imports and the first layers' quantization
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        assert "Traceback" not in err
+        assert digest() == before
+        assert [p.name for p in tmp_path.iterdir()] == ["c"]
