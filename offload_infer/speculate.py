@@ -241,8 +241,12 @@ class Drafter:
         logp = [0.0]
         expanded: set[int] = set()
 
+        cutoff = [-math.inf]  # the worst kept node's log-probability once `budget` nodes are kept
+
         def add_children(node: int, lps: list[float], toks: list[int]) -> None:
             for lp, t in zip(lps, toks):  # a node is expanded once, its top-k tokens are distinct: all new
+                if logp[node] + lp < cutoff[0]:
+                    break  # below every kept node, and the kept set only gets better: it could never enter
                 tree.add(t, node, math.exp(lp))
                 logp.append(logp[node] + lp)
             assert len(logp) == len(tree)
@@ -252,6 +256,8 @@ class Drafter:
 
         add_children(0, root_lps[0], root_toks[0])
         top = sorted(range(1, len(tree)), key=rank)[:budget]  # the best `budget` nodes so far
+        if len(top) == budget:
+            cutoff[0] = logp[top[-1]]
         limit = self.cfg.max_processed()
         while True:
             todo = sorted(i for i in top if i not in expanded and tree.depths[i] < max_depth)
@@ -266,6 +272,8 @@ class Drafter:
                 add_children(node, lps, toks)
             # nodes only ever join the tree, so one that falls out of the best `budget` never returns
             top = heapq.nsmallest(budget, top + list(range(new, len(tree))), key=rank)
+            if len(top) == budget:
+                cutoff[0] = logp[top[-1]]
         keep = sorted(top)
         out = TokenTree.root(tree.tokens[0])
         where = {0: 0}
