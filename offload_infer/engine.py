@@ -25,14 +25,13 @@ from offload_infer.kv_pool import Part
 from offload_infer.models import CausalLM
 from offload_infer.sampling import SamplingConfig, SamplingParams, select
 from offload_infer.scheduler import Scheduler
-from offload_infer.sequence import Sequence, Status
+from offload_infer.sequence import Sequence, Status, cut_at_stops
 from offload_infer.speculate import Drafter, TreeConfig
-from offload_infer.stats import GenerationStats
+from offload_infer.stats import GenerationStats, SpeculationCheck
 from offload_infer.tree import TokenTree
 from offload_infer.verify import verify
 
 BLOCK_SIZE = 16  # KV slots per pool block
-SPEC_CHECK_STEPS = 8  # drafting steps over which speculation is compared with plain decoding
 
 
 def _default_kv_cap(device: torch.device) -> int:
@@ -118,7 +117,7 @@ class Engine:
         self.steps = 0  # LLM passes so far
         self.batch_sizes: list[int] = []  # requests in each step's pass
         self.notices: list[str] = []  # things a user should hear once (the CLI prints them)
-        self._spec_window: list[tuple[int, int, float, float]] = []  # drafting steps: tokens, requests, s, LLM s
+        self._spec_check = SpeculationCheck()
 
     # ---- requests ----------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int]) -> None:
@@ -331,26 +330,11 @@ class Engine:
         if self.auto and plan.decode and budget == 0 and not plan.prefill:
             self.auto.observe_plain(t2 - t0)
         if budget > 0 and plan.decode and not plan.prefill:
-            self._check_speculation(sum(len(o.new_tokens) for o in outputs), len(plan.decode), t2 - t0, t2 - t1)
+            notice = self._spec_check.observe(sum(len(o.new_tokens) for o in outputs), len(plan.decode), t2 - t0,
+                                              t2 - t1, auto=self.auto is not None)
+            if notice:
+                self.notices.append(notice)
         return outputs
-
-    def _check_speculation(self, tokens: int, requests: int, seconds: float, llm_seconds: float) -> None:
-        """Say once when, over the last SPEC_CHECK_STEPS drafting steps, the trees made fewer tokens per
-        second than plain decoding would (one token per request per LLM pass, at the measured pass time:
-        a generous estimate, as a pass without a tree is never slower)."""
-        w = self._spec_window
-        w.append((tokens, requests, seconds, llm_seconds))
-        del w[:-SPEC_CHECK_STEPS]
-        if len(w) < SPEC_CHECK_STEPS or any("slower than plain decoding" in n for n in self.notices):
-            return
-        with_trees = sum(x[0] for x in w) / sum(x[2] for x in w)
-        plain = sum(x[1] for x in w) / sum(x[3] for x in w)
-        if with_trees < plain:
-            advice = ("--tree-budget auto has switched drafting off" if self.auto else
-                      "try --tree-budget auto (it drafts only when that pays) or leave out --ssm")
-            self.notices.append(f"speculation is slower than plain decoding here: {with_trees:.1f} tokens/s with "
-                                f"the SSMs over the last {SPEC_CHECK_STEPS} passes, about {plain:.1f} without them "
-                                f"(from the LLM pass time alone); {advice}")
 
     def _verify_and_commit(self, decode: list[Sequence], trees: list[TokenTree], logits: torch.Tensor, budget: int,
                            depths: list[int], t0: float, t1: float, timed: bool) -> list[StepOutput]:
@@ -398,18 +382,7 @@ class Engine:
     def _emit(self, s: Sequence, new: list[int], tree: TokenTree | None = None, path: list[int] | None = None
               ) -> StepOutput:
         """Append ``new`` to the request's output, cut at a stop token, a stop string or its limit."""
-        reason = None
-        for i, t in enumerate(new):
-            if t in s.stop_ids:
-                new, reason = new[: i + 1], "stop" if t in s.params.stop_token_ids else "eos"
-                break
-        if len(s.output) + len(new) >= s.limit:
-            new = new[: s.limit - len(s.output)]
-            reason = reason or "length"
-        if s.params.stop:
-            cut = self._stop_string(s, new)
-            if cut is not None:
-                new, reason = new[:cut], "stop"
+        new, reason = cut_at_stops(s, new, self.detokenize)
         if tree is not None:
             s.stats.record(tree, path, len(new))
         s.output.extend(new)
@@ -417,21 +390,6 @@ class Engine:
             self.scheduler.remove(s.id)
             self._finish(s, reason)
         return StepOutput(s.id, new, reason is not None, reason)
-
-    def _stop_string(self, s: Sequence, new: list[int]) -> int | None:
-        """How many of ``new`` to keep when they complete a stop string (the text is kept up to it)."""
-        assert self.detokenize is not None
-        tail = max(len(x) for x in s.params.stop)
-        before = len(self.detokenize(s.output))
-        for i in range(1, len(new) + 1):
-            text = self.detokenize(s.output + new[:i])
-            search_from = max(0, before - tail)  # a stop string may start in text emitted earlier
-            hits = [text.find(x, search_from) for x in s.params.stop]
-            hits = [h for h in hits if h >= 0]
-            if hits:
-                s.stop_text = text[: min(hits)]
-                return i
-        return None
 
     # ---- one request -------------------------------------------------------------------------------
     def generate(

@@ -6,6 +6,7 @@ Bookkeeping only: the KV places (``kv``, ``drafts``) are handles the engine's po
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -56,3 +57,28 @@ class Sequence:
     @property
     def remaining_prompt(self) -> int:
         return len(self.prompt) - self.prefilled
+
+
+def cut_at_stops(s: Sequence, new: list[int], detokenize: Callable[[list[int]], str] | None
+                 ) -> tuple[list[int], str | None]:
+    """``new`` cut at the first stop token (kept), at the request's limit, or at the token that completes a
+    stop string (the text before it goes to ``s.stop_text``); and why the request ends, if it does."""
+    reason = None
+    for i, t in enumerate(new):
+        if t in s.stop_ids:
+            new, reason = new[: i + 1], "stop" if t in s.params.stop_token_ids else "eos"
+            break
+    if len(s.output) + len(new) >= s.limit:
+        new = new[: s.limit - len(s.output)]
+        reason = reason or "length"
+    if s.params.stop:
+        assert detokenize is not None
+        tail = max(len(x) for x in s.params.stop)
+        before = len(detokenize(s.output))
+        for i in range(1, len(new) + 1):
+            text = detokenize(s.output + new[:i])
+            hits = [h for h in (text.find(x, max(0, before - tail)) for x in s.params.stop) if h >= 0]
+            if hits:  # a stop string may start in text emitted earlier
+                s.stop_text = text[: min(hits)]
+                return new[:i], "stop"
+    return new, reason

@@ -47,3 +47,30 @@ class GenerationStats:
             "ssm_time_s": self.ssm_time_s,
             "llm_time_s": self.llm_time_s,
         }
+
+
+class SpeculationCheck:
+    """Tells once when, over the last ``steps`` drafting steps, the trees made fewer tokens per second
+    than plain decoding would (one token per request per LLM pass, at the measured pass time: a generous
+    estimate, as a pass without a tree is never slower)."""
+
+    def __init__(self, steps: int = 8) -> None:
+        self.steps = steps
+        self._window: list[tuple[int, int, float, float]] = []  # tokens, requests, step s, LLM s
+        self.told = False
+
+    def observe(self, tokens: int, requests: int, seconds: float, llm_seconds: float, auto: bool) -> str | None:
+        w = self._window
+        w.append((tokens, requests, seconds, llm_seconds))
+        del w[:-self.steps]
+        if len(w) < self.steps or self.told:
+            return None
+        with_trees = sum(x[0] for x in w) / sum(x[2] for x in w)
+        plain = sum(x[1] for x in w) / sum(x[3] for x in w)
+        if with_trees >= plain:
+            return None
+        self.told = True
+        advice = ("--tree-budget auto has switched drafting off" if auto else
+                  "try --tree-budget auto (it drafts only when that pays) or leave out --ssm")
+        return (f"speculation is slower than plain decoding here: {with_trees:.1f} tokens/s with the SSMs over the "
+                f"last {self.steps} passes, about {plain:.1f} without them (from the LLM pass time alone); {advice}")
