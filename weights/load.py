@@ -108,9 +108,9 @@ def plan_names(config: FamilyConfig, source: TensorSource, packed: dict[str, str
 def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, str], dtype: torch.dtype,
                 progress: bool, desc: str, packed: dict[str, str] | None = None) -> Iterator[dict[str, Tensor]]:
     """Each layer's tensors on the CPU; packed matrices of a compressed checkpoint come under
-    ``"__prepacked__"`` as ``{name: (qdata, QuantState)}``. Tensors are read (and GGUF blocks
-    dequantized, which numpy does with the GIL released) on a few threads, the next layer's while the
-    caller handles this one. The bar shows on a terminal only and leaves no line behind (load_model
+    ``"__prepacked__"`` as ``{name: (qdata, QuantState)}``. A layer's tensors are read (and GGUF blocks
+    dequantized, which numpy does with the GIL released) on a few threads; for GGUF the next layer's
+    while the caller handles this one. The bar shows on a terminal only and leaves no line behind (load_model
     prints one summary)."""
     from tqdm import tqdm
 
@@ -120,12 +120,17 @@ def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, s
         return {k: pool.submit(_read_one, source, mapping[prefix + k], shape, dtype, packed) for k, shape in names}
 
     workers = min(4, os.cpu_count() or 1)
+    # reading ahead holds a second layer in host memory: worth it where dequantizing is the slow part (GGUF)
+    look_ahead = isinstance(source, GGUFSource)
     with ThreadPoolExecutor(workers) as pool:
         ahead = read(0) if config.n_layers else {}
         bar = tqdm(range(config.n_layers), desc=desc, unit="layer", file=sys.stderr, leave=False,
                    disable=not progress or not sys.stderr.isatty())
         for i in bar:
-            current, ahead = ahead, (read(i + 1) if i + 1 < config.n_layers else {})
+            if look_ahead:
+                current, ahead = ahead, (read(i + 1) if i + 1 < config.n_layers else {})
+            else:
+                current, ahead = (ahead or read(i)), {}
             layer: dict = {}
             prepacked = {}
             for k, fut in current.items():
