@@ -220,31 +220,30 @@ def star(b: int) -> TokenTree:
     return t
 
 
-def test_auto_turns_drafting_off_when_it_does_not_pay():
-    """Nothing accepted and drafting (two SSM forwards: the root, then its children) costs a third of a
-    step: plain decoding (budget 0) is faster, and auto chooses it, drafting the smallest tree now and
-    then to see whether that changed."""
+def _choices(observe, steps: int = 200) -> list[int]:
+    """The budgets auto chooses when a step without drafting takes 0.2 s and ``observe(auto, b)`` tells
+    it what a drafting step at budget ``b`` gave."""
     auto = AutoBudget(max_budget=64)
     chosen = []
-    for _ in range(200):
+    for _ in range(steps):
         b = auto.choose()
         chosen.append(b)
         if b == 0:
             auto.observe_plain(0.2)
         else:
-            auto.observe(b, star(b), [0], 0.3 + 0.001 * b, 0.1 + 0.001 * b)
+            observe(auto, b)
+    return chosen
+
+
+def test_auto_turns_drafting_off_when_it_does_not_pay():
+    """Nothing accepted and drafting (two SSM forwards: the root, then its children) costs a third of a
+    step: plain decoding (budget 0) is faster, and auto chooses it, drafting the best budget's tree now
+    and then to see whether that changed."""
+    chosen = _choices(lambda auto, b: auto.observe(b, star(b), [0], 0.3 + 0.001 * b, 0.1 + 0.001 * b))
     assert chosen[-100:].count(0) >= 80
     assert 0 < sum(1 for b in chosen[-100:] if b) <= 20  # the probes
 
 
 def test_auto_keeps_drafting_when_it_pays():
-    auto = AutoBudget(max_budget=64)
-    chosen = []
-    for _ in range(200):
-        b = auto.choose()
-        chosen.append(b)
-        if b == 0:
-            auto.observe_plain(0.2)
-        else:
-            auto.observe(b, chain(b, 0.9), list(range(b + 1)), 0.21 + 0.001 * b, 0.01)
+    chosen = _choices(lambda auto, b: auto.observe(b, chain(b, 0.9), list(range(b + 1)), 0.21 + 0.001 * b, 0.01))
     assert chosen[-100:].count(0) == 0
