@@ -207,17 +207,21 @@ class GGUFSource:
         return f"{self.path} ({self._tensors[name].name})"
 
     def load(self, name: str) -> Tensor:
+        import gguf
         from gguf.quants import dequantize
+
+        from quant.gguf_blocks import dequantize as dequantize_torch
 
         t = self._tensors[name]
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            w = dequantize_torch(t.data, t.tensor_type.name, gguf.GGML_QUANT_SIZES[t.tensor_type][1], self.shape(name))
+            if w is None:  # a type quant/gguf_blocks.py does not handle: the gguf package's numpy code
+                arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+                if not arr.flags.writeable or not arr.flags.c_contiguous:  # memory-mapped: copy out of the file
+                    arr = arr.copy(order="C")
+                w = torch.from_numpy(arr).reshape(self.shape(name))
         except Exception as e:
             raise CheckpointError(f"{self.where(name)}: cannot dequantize {t.tensor_type.name}: {e}") from None
-        arr = np.asarray(arr, dtype=np.float32)
-        if not arr.flags.writeable or not arr.flags.c_contiguous:  # memory-mapped: copy out of the file
-            arr = arr.copy(order="C")
-        w = torch.from_numpy(arr).reshape(self.shape(name))
         if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = self.n_head if ".q_proj." in name else self.n_kv
             w = _unpermute_rows(w, heads)
