@@ -15,15 +15,32 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 120.0) -> str:
+    """Read the process's stderr until a line holds ``text`` (the work is under way, its signal handlers
+    installed); returns what was read."""
+    seen = []
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{text!r} never came: {''.join(seen)[-2000:]}")
+
+
 def test_sigterm_mid_generation_keeps_finished_results(tiny_dirs, tmp_path):
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps([f"The quick {i}" for i in range(300)]))  # ~40 s of work: it is cut short
     out = tmp_path / "out.json"
     proc = _cli("generate", "-f", prompts, "-m", tiny_dirs["llama"][0], "--no-chat", "-n", 230, "-c", 250,
                 "--max-batch-size", 1, "--output-file", out)
-    time.sleep(5.0)
+    early = _wait_for(proc, "loaded ")
+    time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
+    err = early + err
     assert proc.returncode == 143, err
     assert "Traceback" not in err and "terminated" in err
     done = json.loads(out.read_text())
@@ -31,12 +48,17 @@ def test_sigterm_mid_generation_keeps_finished_results(tiny_dirs, tmp_path):
     assert all(len(r["output_token_ids"]) >= 1 for r in done)
 
 
-def test_ctrl_c_exits_130_quietly(tiny_dirs):
-    proc = _cli("generate", "The quick", "-m", tiny_dirs["llama"][0], "--no-chat", "-n", 230, "-c", 250)
-    time.sleep(3.0)
+def test_ctrl_c_exits_130_quietly(tiny_dirs, tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([f"The quick {i}" for i in range(300)]))
+    proc = _cli("generate", "-f", prompts, "-m", tiny_dirs["llama"][0], "--no-chat", "-n", 230, "-c", 250,
+                "--max-batch-size", 1)
+    early = _wait_for(proc, "loaded ")
+    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode in (130, 0), err  # 0 only if it had already finished
+    err = early + err
+    assert proc.returncode == 130, err
     assert "Traceback" not in err
 
 
@@ -191,6 +213,7 @@ def test_a_signal_mid_compress_leaves_the_previous_output(tiny_dirs, tmp_path):
     slow = ("import sys, time, weights.compress as wc\n"
             "real = wc.quantize\n"
             "def quantize(*a, **k):\n"
+            "    print('quantizing', file=sys.stderr, flush=True)\n"
             "    time.sleep(0.3)\n"
             "    return real(*a, **k)\n"
             "wc.quantize = quantize\n"
@@ -200,9 +223,11 @@ def test_a_signal_mid_compress_leaves_the_previous_output(tiny_dirs, tmp_path):
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         proc = subprocess.Popen([sys.executable, "-c", slow, "compress", str(d), "--out", str(out), "--bits", "4",
                                  "--force"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(4.0)  # imports and the first layers' quantization
+        early = _wait_for(proc, "quantizing")  # imports done, compressing under way
+        time.sleep(0.5)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
+        err = early + err
         assert proc.returncode == code, err
         assert "Traceback" not in err
         assert digest() == before
