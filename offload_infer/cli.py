@@ -16,7 +16,7 @@ from offload_infer import cli_options as opts
 from offload_infer.cli_help import PanelCommand, PanelGroup
 from offload_infer.safe_io import check_output, model_inputs, write_atomic
 
-SAMPLING, IO = "Sampling", "Input and output"
+IO = "Input and output"
 
 app = typer.Typer(no_args_is_help=True, help=__doc__, cls=PanelGroup, rich_markup_mode=None,
                   pretty_exceptions_enable=False)
@@ -148,14 +148,14 @@ def generate(
                                                "JSON Lines (a string or {\"prompt\": ...} per line) or plain text "
                                                "(one prompt); - reads stdin.", rich_help_panel=IO),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="Most tokens generated per prompt.",
-                                       rich_help_panel=SAMPLING),
+                                       rich_help_panel=opts.SAMPLING),
     temperature: float = opts.TEMPERATURE,
     top_p: float = opts.TOP_P,
     top_k: int = opts.TOP_K,
     repetition_penalty: float = opts.REPETITION_PENALTY,
     seed: Optional[int] = opts.SEED,
     stop: list[str] = typer.Option([], "--stop", metavar="TEXT", help="End the output before this text (repeatable).",
-                                   rich_help_panel=SAMPLING),
+                                   rich_help_panel=opts.SAMPLING),
     chat: Optional[bool] = typer.Option(None, "--chat/--no-chat", help="Apply the chat template [default: when the "
                                         "checkpoint has one].", rich_help_panel=IO),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (with the chat template).",
