@@ -171,10 +171,11 @@ def build_engine(o: ModelOptions, n_requests: int):
     """Load the LLM and SSMs and build the engine, with a KV pool for ``n_requests`` requests of the
     maximum length unless --kv-cache-size says otherwise. Returns (engine, tokenizer). Raises ValueError
     for bad settings (before anything loads) and ValueError/OSError/RuntimeError for what loading finds."""
-    from offload_infer.engine import BLOCK_SIZE, Engine
+    from offload_infer.engine import BLOCK_SIZE, Engine, ssm_pool_blocks
+    from offload_infer.memory import Footprint, check_footprint, kv_pool_bytes, resident_footprint
     from offload_infer.offload import OffloadBuilder, parse_size
     from offload_infer.speculate import shared_vocab_size
-    from weights.load import load_model, resident_layers
+    from weights.load import load_model, read_config, resident_layers
     from weights.resolve import resolve
 
     tree_cfg = tree_config(o)
@@ -187,22 +188,38 @@ def build_engine(o: ModelOptions, n_requests: int):
         raise ValueError("weight compression applies to streamed weights: add --offload")
     resolved = resolve(o.llm if o.llm_weight is None else None, str(o.llm_weight) if o.llm_weight else None,
                        str(o.llm_config) if o.llm_config else None, str(o.tokenizer) if o.tokenizer else None)
-    builder = resident_layers
+    ssm_resolved = [resolve(name) for name in o.ssm]  # a bad SSM name fails before the LLM loads
+    llm_config = read_config(resolved, o.llm_model)
     # the KV pool: --kv-cache-size, or room for as many full-length requests as run together
     kv_bytes = parse_size(o.kv_cache_size) if o.kv_cache_size else None
-    per_request = (o.max_sequence_length or 2048) + tree_cfg.max_nodes * len(o.ssm) + 1
-    kv_tokens = min(o.max_batch_size, n_requests) * -(-per_request // BLOCK_SIZE) * BLOCK_SIZE
+    full = (o.max_sequence_length or min(2048, llm_config.max_position_embeddings)) + tree_cfg.max_nodes * len(o.ssm) + 1
+    kv_tokens = min(o.max_batch_size, n_requests) * -(-full // BLOCK_SIZE) * BLOCK_SIZE
+    kv_cache_size = kv_bytes or kv_pool_bytes(llm_config, dtype, kv_tokens)
+    llm_blocks = kv_cache_size // (kv_pool_bytes(llm_config, dtype, 1) * BLOCK_SIZE)
+    # what the pools will hold: each has one scratch block beyond the blocks it hands out
+    llm_kv_slots = (llm_blocks + 1) * BLOCK_SIZE
+    others = Footprint()  # the SSMs, each with its KV pool (counted in the pre-flight before anything loads)
+    for name, r in zip(o.ssm, ssm_resolved):
+        slots = (ssm_pool_blocks(llm_blocks, full, tree_cfg) + 1) * BLOCK_SIZE
+        others = others.merged(resident_footprint(f"SSM {name}", read_config(r), dtype, dev, slots))
     if o.offload:
         builder = OffloadBuilder(parse_size(o.offload_reserve_space_size), codec, o.quant_block_size,
-                                 o.offload_ring_slots, kv_bytes=kv_bytes or 0, kv_tokens=0 if kv_bytes else kv_tokens)
+                                 o.offload_ring_slots, kv_bytes=kv_pool_bytes(llm_config, dtype, llm_kv_slots),
+                                 others=others)
+    else:
+        builder = resident_layers
+        fp = resident_footprint("LLM", llm_config, dtype, dev, llm_kv_slots)
+        fp.add("activations", 256 * 2**20, dev)
+        fp = fp.merged(others)
+        check_footprint(fp, dev, hint_device=" (add --offload to stream the LLM's weights)")
     main = load_model(resolved, device=dev, dtype=dtype, model_type=o.llm_model, layer_builder=builder)
     tok = main.tokenizer
     if tok is None:
         raise ValueError(f"{resolved.name} has no tokenizer files; pass --tokenizer PATH")
     vocab = tok.vocab_size
     ssms = []
-    for name in o.ssm:
-        loaded = load_model(resolve(name), device=dev, dtype=dtype)
+    for name, r in zip(o.ssm, ssm_resolved):
+        loaded = load_model(r, device=dev, dtype=dtype)
         if loaded.tokenizer is None:
             raise ValueError(f"SSM {name} has no tokenizer files to check against the LLM's")
         vocab = min(vocab, shared_vocab_size(tok.token_strings(), loaded.tokenizer.token_strings(),
@@ -212,5 +229,6 @@ def build_engine(o: ModelOptions, n_requests: int):
     engine = Engine(main.model, ssms, tree_cfg, o.max_sequence_length or min(2048, context), tok.eos_ids,
                     min(vocab, main.model.vocab_size), ssm_static=False if o.enforce_eager else None,
                     max_batch_size=o.max_batch_size, max_batch_tokens=o.max_batch_tokens,
-                    kv_cache_size=kv_bytes or kv_tokens * main.model.slot_bytes(), detokenize=tok.decode)
+                    kv_cache_size=kv_cache_size, detokenize=tok.decode)
+    engine.footprint = builder.footprint if o.offload else fp  # what the pre-flight counted (benchmarks read it)
     return engine, tok

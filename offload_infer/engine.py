@@ -22,6 +22,7 @@ import torch
 
 from offload_infer.autobudget import AutoBudget
 from offload_infer.kv_pool import Part
+from offload_infer.memory import Footprint
 from offload_infer.models import CausalLM
 from offload_infer.sampling import SamplingConfig, SamplingParams, select
 from offload_infer.scheduler import Scheduler
@@ -40,6 +41,12 @@ def _default_kv_cap(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
     return 4 << 30
+
+
+def ssm_pool_blocks(llm_blocks: int, full: int, tree: TreeConfig) -> int:
+    """Blocks of an SSM's KV pool: as many requests of the largest size (``full`` LLM slots) as the LLM's
+    pool of ``llm_blocks`` holds, each with room for the nodes a tree processes."""
+    return -(-llm_blocks * BLOCK_SIZE * (full + tree.max_processed() + 1) // full // BLOCK_SIZE) + 1
 
 
 class PromptTooLongError(ValueError):
@@ -108,15 +115,16 @@ class Engine:
                                  f"tokens ({llm.slot_bytes() * BLOCK_SIZE} bytes)")
         self.pool = llm.new_pool(n_blocks, BLOCK_SIZE)
         self.drafters = []
-        for m in ssms:  # as many requests of the largest size as the LLM pool holds
-            ssm_blocks = -(-n_blocks * BLOCK_SIZE * (full + self.tree_cfg.max_processed() + 1) // full // BLOCK_SIZE)
-            self.drafters.append(Drafter(m, vocab, self.tree_cfg, ssm_blocks + 1, BLOCK_SIZE, ssm_static))
+        for m in ssms:
+            self.drafters.append(Drafter(m, vocab, self.tree_cfg, ssm_pool_blocks(n_blocks, full, self.tree_cfg),
+                                         BLOCK_SIZE, ssm_static))
         self.auto = AutoBudget(self.tree_cfg.budget) if self.tree_cfg.auto and ssms else None
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self.steps = 0  # LLM passes so far
         self.batch_sizes: list[int] = []  # requests in each step's pass
         self.notices: list[str] = []  # things a user should hear once (the CLI prints them)
+        self.footprint: Footprint | None = None  # the memory pre-flight's figures, when a builder made one
         self._spec_check = SpeculationCheck()
 
     # ---- requests ----------------------------------------------------------------------------------

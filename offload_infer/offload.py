@@ -13,21 +13,19 @@ from __future__ import annotations
 import math
 import re
 import sys
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from offload_infer.memory import (Footprint, OffloadPlanError, available_host_bytes, check_footprint,  # noqa: F401
+                                  kv_pool_bytes, layer_source_bytes)
 from offload_infer.models.base import FamilyConfig, dense_layer
+from offload_infer.pinned import PinnedRegion, caching_pinned_empty, pinned_empty
 from quant.codecs import QuantState, dequantize, load_backend, packed_nbytes, quantize
 
 ALIGN = 64  # byte alignment of every tensor inside a layer buffer (keeps dtype views legal and copies fast)
-
-
-class OffloadPlanError(ValueError):
-    """The model cannot run within the memory it was given."""
 
 
 def parse_size(text: str | int) -> int:
@@ -133,39 +131,29 @@ def make_plan(config: FamilyConfig, dtype: torch.dtype, reserve_bytes: int, code
                        tuple(i for i in range(n) if i not in keep), ring_slots, dense, packed, glob, reserve_bytes)
 
 
-def available_host_bytes() -> int:
-    """Available RAM, within this process's cgroup limit when there is one."""
-    import psutil
-
-    avail = psutil.virtual_memory().available
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit = open(limit_file).read().strip()
-            if limit != "max" and int(limit) < 2**60:
-                avail = min(avail, int(limit) - int(open(usage_file).read().strip()))
-            break
-        except (OSError, ValueError):
-            continue
-    return avail
+def plan_footprint(plan: OffloadPlan, device: torch.device, kv_bytes: int, activation_bytes: int = 256 * 2**20,
+                   staging_bytes: int = 0) -> Footprint:
+    """What an offloaded LLM allocates: its streamed layers pinned on the host, the layers being loaded
+    (``staging_bytes``) on the host, the rest where the model runs (the ring only on a GPU)."""
+    fp = Footprint(host={"pinned layers": plan.pinned_bytes, "loading": staging_bytes})
+    on_device = plan.gpu_bytes
+    if device.type != "cuda" and plan.streamed_layers:
+        on_device -= plan.ring_slots * plan.packed_layer_bytes
+    fp.add("LLM weights", on_device, device)
+    fp.add("KV cache", kv_bytes, device)
+    fp.add("activations", activation_bytes, device)
+    return fp
 
 
-def check_plan(plan: OffloadPlan, device: torch.device, kv_bytes: int, activation_bytes: int = 256 * 2**20) -> None:
-    """Fail early, with numbers, when the plan cannot fit in host RAM or device memory."""
-    host = available_host_bytes()
-    if plan.pinned_bytes > host:
-        raise OffloadPlanError(f"streaming needs {plan.pinned_bytes / 1e9:.2f} GB of host RAM for the offloaded "
-                               f"layers, {host / 1e9:.2f} GB is available (use --4bit-quantization to shrink it)")
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        need = plan.gpu_bytes + kv_bytes + activation_bytes
-        if need > free:
-            raise OffloadPlanError(
-                f"the model needs {need / 1e9:.2f} GB of GPU memory (weights {plan.gpu_bytes / 1e9:.2f}, KV cache "
-                f"{kv_bytes / 1e9:.2f}, activations {activation_bytes / 1e9:.2f}); {free / 1e9:.2f} GB is free. "
-                "Lower --offload-reserve-space-size or --max-sequence-length"
-            )
+def check_plan(plan: OffloadPlan, device: torch.device, kv_bytes: int, activation_bytes: int = 256 * 2**20,
+               staging_bytes: int = 0, others: Footprint | None = None) -> Footprint:
+    """Fail early, with numbers, when the plan (with ``others``: SSMs, their caches) cannot fit in host
+    RAM or device memory; returns what was checked."""
+    fp = plan_footprint(plan, device, kv_bytes, activation_bytes, staging_bytes)
+    fp = fp.merged(others) if others else fp
+    check_footprint(fp, device, " (use --4bit-quantization to shrink it)",
+                    ". Lower --offload-reserve-space-size or --max-sequence-length")
+    return fp
 
 
 # -- packed layers ------------------------------------------------------------------------------------
@@ -185,22 +173,18 @@ class Entry:
 class PackedLayer:
     buffer: Tensor  # uint8, pinned when possible: the layer in one piece
     entries: list[Entry] = field(default_factory=list)
+    pinned: PinnedRegion | None = None  # keeps ``buffer``'s pages registered with CUDA while the layer lives
 
 
-_pin_warned = False
-
-
-def host_buffer(nbytes: int, pin: bool) -> Tensor:
-    global _pin_warned
-    if pin and torch.cuda.is_available():
-        try:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError as e:
-            if not _pin_warned:
-                warnings.warn(f"pinning host memory failed ({e}); falling back to pageable memory, copies will be "
-                              "slower", stacklevel=2)
-                _pin_warned = True
-    return torch.empty(nbytes, dtype=torch.uint8)
+def host_buffer(nbytes: int, pin: bool, allocator: str = "registered") -> tuple[Tensor, PinnedRegion | None]:
+    """A layer's host buffer: page-locked at its exact size (``registered``, see ``pinned.py``), from
+    PyTorch's power-of-two caching allocator (``caching``: only for benchmarks comparing the two), or
+    pageable when ``pin`` is off or there is no CUDA."""
+    if pin and allocator == "caching" and torch.cuda.is_available():
+        return caching_pinned_empty(nbytes), None
+    if pin:
+        return pinned_empty(nbytes)
+    return torch.empty(nbytes, dtype=torch.uint8), None
 
 
 def _bytes(t: Tensor) -> Tensor:
@@ -208,9 +192,12 @@ def _bytes(t: Tensor) -> Tensor:
 
 
 def pack_layer(weights: dict[str, Tensor], codec: str | None, block_size: int, quant_device: torch.device,
-               pin: bool = True, prepacked: dict[str, tuple[Tensor, QuantState]] | None = None) -> PackedLayer:
-    """One host buffer holding every tensor of a layer; 2-D weights compressed when ``codec`` is set.
-    ``prepacked`` gives weights already compressed (from a compressed checkpoint)."""
+               pin: bool = True, prepacked: dict[str, tuple[Tensor, QuantState]] | None = None,
+               allocator: str = "registered", device: torch.device | None = None) -> PackedLayer:
+    """One buffer holding every tensor of a layer (on the host, or on ``device`` for a resident layer);
+    2-D weights compressed when ``codec`` is set. ``prepacked`` gives weights already compressed (from a
+    compressed checkpoint). Each piece is copied straight into the buffer from wherever it was made (no
+    second host copy on the way)."""
     parts: list[tuple[Entry, Tensor, Tensor | None]] = []
     offset = 0
     for name, t in {**weights, **(prepacked or {})}.items():
@@ -219,21 +206,24 @@ def pack_layer(weights: dict[str, Tensor], codec: str | None, block_size: int, q
         elif _is_compressed(tuple(t.shape), codec):
             packed, state = quantize(t.to(quant_device), codec, block_size)  # type: ignore[arg-type]
         else:
-            raw = _bytes(t.cpu())
+            raw = _bytes(t)
             parts.append((Entry(name, offset, raw.numel(), t.dtype, tuple(t.shape)), raw, None))
             offset += _align(raw.numel())
             continue
-        p, s = _bytes(packed.cpu()), _bytes(state.scales.float().cpu())
+        p, s = _bytes(packed), _bytes(state.scales.float())
         e = Entry(name, offset, p.numel(), torch.uint8, tuple(packed.shape), state.with_scales(torch.empty(0)),
                   offset + _align(p.numel()), s.numel())
         parts.append((e, p, s))
         offset += _align(p.numel()) + _align(s.numel())
-    buf = host_buffer(max(offset, ALIGN), pin)
+    if device is not None and device.type != "cpu":
+        buf, region = torch.empty(max(offset, ALIGN), dtype=torch.uint8, device=device), None
+    else:
+        buf, region = host_buffer(max(offset, ALIGN), pin, allocator)
     for e, p, s in parts:
-        buf[e.offset : e.offset + e.nbytes] = p
+        buf[e.offset : e.offset + e.nbytes].copy_(p)
         if s is not None:
-            buf[e.scales_offset : e.scales_offset + e.scales_nbytes] = s
-    return PackedLayer(buf, [e for e, _, _ in parts])
+            buf[e.scales_offset : e.scales_offset + e.scales_nbytes].copy_(s)
+    return PackedLayer(buf, [e for e, _, _ in parts], region)
 
 
 def unpack_layer(buf: Tensor, layer: PackedLayer, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -318,16 +308,20 @@ class OffloadBuilder:
 
     def __init__(self, reserve_bytes: int, codec: str | None = None, block_size: int = 64, ring_slots: int = 2,
                  kv_bytes: int = 0, pin: bool = True, verbose: bool = True, resident_compressed: bool = True,
-                 kv_tokens: int = 0) -> None:
+                 kv_tokens: int = 0, pin_allocator: str = "registered", others: Footprint | None = None) -> None:
+        self.others = others  # what else the run allocates (SSMs, their KV pools), counted in the pre-flight
+        self.pin_allocator = pin_allocator  # "registered" (exact size) or "caching" (PyTorch's; benchmarks)
         self.reserve_bytes, self.codec, self.block_size = reserve_bytes, codec, block_size
         self.resident_compressed = resident_compressed
         self.kv_tokens = kv_tokens  # KV cache slots the engine will allocate (counted in the device check)
         self.ring_slots, self.kv_bytes, self.pin, self.verbose = ring_slots, kv_bytes, pin, verbose
         self.plan: OffloadPlan | None = None
+        self.footprint: Footprint | None = None  # what the pre-flight counted
 
     def prepare(self, config: FamilyConfig, device: torch.device, dtype: torch.dtype, stored_codec: str | None = None,
-                stored_block_size: int | None = None) -> OffloadPlan:
-        """Plan and check memory; a compressed checkpoint's codec is used as stored (never recompressed)."""
+                stored_block_size: int | None = None, staged_layers: int = 1) -> OffloadPlan:
+        """Plan and check memory; a compressed checkpoint's codec is used as stored (never recompressed).
+        ``staged_layers``: layers the loader holds on the host at once (2 when it reads ahead)."""
         if stored_codec is not None:
             if self.codec not in (None, stored_codec) or (self.codec and self.block_size != stored_block_size):
                 raise OffloadPlanError(f"the checkpoint is compressed with {stored_codec} (block {stored_block_size}); "
@@ -335,9 +329,12 @@ class OffloadBuilder:
             self.codec, self.block_size = stored_codec, stored_block_size or self.block_size
         self.plan = make_plan(config, dtype, self.reserve_bytes, self.codec, self.block_size, self.ring_slots,
                               self.resident_compressed)
-        size = torch.tensor([], dtype=dtype).element_size()
-        kv = self.kv_bytes + 2 * config.n_layers * config.n_kv_heads * config.head_dim * self.kv_tokens * size
-        check_plan(self.plan, device, kv)
+        kv = self.kv_bytes + kv_pool_bytes(config, dtype, self.kv_tokens)
+        # the layers being read, and on the CPU the compressed copy made before it goes into its buffer
+        staging = staged_layers * layer_source_bytes(config, dtype)
+        if self.plan.codec and device.type != "cuda":
+            staging += self.plan.packed_layer_bytes
+        self.footprint = check_plan(self.plan, device, kv, staging_bytes=staging, others=self.others)
         if self.verbose:
             print(self.plan.describe(), file=sys.stderr)
         return self.plan
@@ -356,8 +353,7 @@ class OffloadBuilder:
                 continue
             prepacked = w.pop("__prepacked__", None)
             if i in plan.resident_layers:
-                layer = pack_layer(w, plan.codec, plan.block_size, qdev, False, prepacked)
-                resident[i] = PackedLayer(layer.buffer.to(device), layer.entries)
+                resident[i] = pack_layer(w, plan.codec, plan.block_size, qdev, False, prepacked, device=device)
             else:
-                packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, prepacked)
+                packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, prepacked, self.pin_allocator)
         return StreamedLayers(config.n_layers, resident, packed, device, dtype, plan.ring_slots)

@@ -9,6 +9,8 @@ Each function takes the blocks as a uint8 tensor ``[n_blocks, bytes_per_block]``
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -97,11 +99,25 @@ def q6_k(b: Tensor) -> Tensor:
 DEQUANTIZE = {"Q8_0": q8_0, "Q4_0": q4_0, "Q4_1": q4_1, "Q5_0": q5_0, "Q4_K": q4_k, "Q5_K": q5_k, "Q6_K": q6_k}
 
 
-def dequantize(data: np.ndarray, type_name: str, block_bytes: int, shape: tuple[int, ...]) -> Tensor | None:
-    """A GGUF tensor's blocks (``data`` as the reader maps them) as fp32 of ``shape``; None for a type
-    not handled here (the ``gguf`` package's numpy code then does it)."""
+CHUNK_BYTES = 2 << 20  # blocks dequantized at a time: bounds the temporaries to a few times this
+
+
+def dequantize(data: np.ndarray, type_name: str, block_bytes: int, shape: tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> Tensor | None:
+    """A GGUF tensor's blocks (``data`` as the reader maps them) as ``dtype`` of ``shape`` (computed in
+    fp32, then rounded); None for a type not handled here (the ``gguf`` package's numpy code then does it).
+    The blocks are copied out of the file and dequantized a chunk at a time, straight into the result,
+    so a large tensor (an embedding) costs little more than its result in memory."""
     fn = DEQUANTIZE.get(type_name)
     if fn is None:
         return None
-    blocks = torch.from_numpy(np.array(data, dtype=np.uint8, copy=True)).reshape(-1, block_bytes)
-    return fn(blocks).reshape(shape)
+    flat = np.asarray(data, dtype=np.uint8).reshape(-1)
+    n_blocks = flat.size // block_bytes
+    per_block = math.prod(shape) // n_blocks
+    out = torch.empty(n_blocks, per_block, dtype=dtype)  # [n_blocks, elements_per_block]
+    step = max(1, CHUNK_BYTES // block_bytes)
+    for a in range(0, n_blocks, step):
+        b = min(n_blocks, a + step)
+        blocks = torch.from_numpy(np.array(flat[a * block_bytes : b * block_bytes], copy=True)).reshape(-1, block_bytes)
+        out[a:b] = fn(blocks)
+    return out.reshape(shape)

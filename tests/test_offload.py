@@ -93,9 +93,9 @@ def test_plan_budget_edges(llama_dir):
 
 
 def test_plan_refuses_more_pinned_memory_than_available(llama_dir, monkeypatch):
-    import offload_infer.offload as off
+    import offload_infer.memory as mem
 
-    monkeypatch.setattr(off, "available_host_bytes", lambda: 1000)
+    monkeypatch.setattr(mem, "available_host_bytes", lambda: 1000)
     with pytest.raises(OffloadPlanError, match="host RAM"):
         _load(llama_dir, _streamed_builder(llama_dir))
 
@@ -231,7 +231,7 @@ def test_device_check_counts_the_kv_cache(llama_dir, monkeypatch):
     import offload_infer.offload as off
 
     seen = {}
-    monkeypatch.setattr(off, "check_plan", lambda plan, device, kv: seen.setdefault("kv", kv))
+    monkeypatch.setattr(off, "check_plan", lambda plan, device, kv, **kw: seen.setdefault("kv", kv))
     cfg = _load(llama_dir).config
     OffloadBuilder(2**30, kv_tokens=100, verbose=False).prepare(cfg, torch.device("cpu"), torch.float32)
     assert seen["kv"] == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 100 * 4

@@ -4,7 +4,10 @@
         --trees 1,16,64,256,1024 --reserve 4G --runs 7 [--json out.json]
 
 For each shape and precision it builds the model layer by layer straight into pinned buffers (no
-checkpoint), prints the plan, then times one LLM pass (a tree of T tokens over a 64-token prefix,
+checkpoint; ``--pin registered,caching`` builds it once with each host allocator: exact-size registered
+pages, the default, and PyTorch's power-of-two caching allocator), prints the plan and the process's
+resident memory grown while building (RSS and anonymous RSS, final and peak, sampled every 5 ms) against
+the plan's pinned bytes, then times one LLM pass (a tree of T tokens over a 64-token prefix,
 median of ``--runs``), the bytes streamed per pass, the effective bandwidth and its ratio to the
 pinned host-to-device bandwidth measured in the same run. ``floor`` = streamed bytes / measured bandwidth.
 """
@@ -22,11 +25,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from memwatch import MemoryWatch  # noqa: E402
 from random_models import build  # noqa: E402
 
 
 def h2d_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    from offload_infer.pinned import pinned_empty
+
+    src, region = pinned_empty(nbytes)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     times = []
     for _ in range(runs + 1):
@@ -35,8 +41,19 @@ def h2d_bandwidth(nbytes: int = 1 << 30, runs: int = 5) -> float:
         dst.copy_(src, non_blocking=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    del src, dst
+    del src, dst, region
     return nbytes / statistics.median(times[1:])
+
+
+def warm_up() -> None:
+    """Load the libraries and kernels building uses, so their pages are not counted as the model's."""
+    from quant.codecs import load_backend, quantize
+
+    load_backend()
+    for codec in ("nf4", "int8-row"):
+        quantize(torch.randn(256, 256, device="cuda", dtype=torch.float16), codec)
+    torch.randn(64, 64, device="cuda", dtype=torch.float16) @ torch.randn(64, 64, device="cuda", dtype=torch.float16)
+    torch.cuda.synchronize()
 
 
 def time_pass(model, n_tokens: int, runs: int, prefix: int = 64) -> float:
@@ -78,6 +95,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--resident", choices=("compressed", "dense"), default="compressed",
                     help="keep resident layers compressed (default) or dense, for int8/int4")
+    ap.add_argument("--pin", default="registered", help="host allocators to compare: registered,caching")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_infer.offload import parse_size
@@ -87,23 +105,34 @@ def main() -> None:
     bw = h2d_bandwidth()
     print(f"pinned host->device bandwidth (1 GiB, median of 5): {bw / 1e9:.1f} GB/s", flush=True)
     rows = []
-    for shape in args.shapes.split(","):
-        for precision in args.precisions.split(","):
-            model, plan, build_s = build(shape, precision, reserve, args.ring, args.resident == "compressed")
-            per_pass = sum(p.buffer.numel() for p in model.weights.layers.packed.values())
-            print(f"\n{shape} {precision}: {plan.describe()} (built in {build_s:.0f} s)", flush=True)
-            print(f"{'tokens':>7} {'pass ms':>9} {'GB streamed':>12} {'eff GB/s':>9} {'vs floor':>9}", flush=True)
-            for t in (int(x) for x in args.trees.split(",")):
-                s = time_pass(model, t, args.runs)
-                row = dict(shape=shape, precision=precision, tokens=t, pass_s=s, bytes=per_pass,
-                           eff_bw=per_pass / s, h2d_bw=bw, ratio_to_floor=s / (per_pass / bw) if per_pass else None,
-                           resident_layers=len(plan.resident_layers), streamed_layers=len(plan.streamed_layers))
-                rows.append(row)
-                ratio = f"{row['ratio_to_floor']:>9.2f}" if per_pass else f"{'-':>9}"
-                print(f"{t:>7} {s * 1e3:>9.1f} {per_pass / 1e9:>12.2f} {per_pass / s / 1e9:>9.1f} {ratio}", flush=True)
-            del model
-            gc.collect()
-            torch.cuda.empty_cache()
+    warm_up()
+    for shape, precision, pin in ((s, p, a) for s in args.shapes.split(",") for p in args.precisions.split(",")
+                                  for a in args.pin.split(",")):
+        with MemoryWatch() as watch:
+            model, plan, build_s = build(shape, precision, reserve, args.ring, args.resident == "compressed",
+                                         pin_allocator=pin)
+            torch.cuda.synchronize()
+        per_pass = sum(p.buffer.numel() for p in model.weights.layers.packed.values())
+        mem = watch.grown()
+        print(f"\n{shape} {precision} ({pin} pinned memory): {plan.describe()} (built in {build_s:.0f} s)", flush=True)
+        print("host memory grown while building, GB (x the plan's pinned host bytes): " + ", ".join(
+            f"{k} {v / 1e9:.2f} ({v / plan.pinned_bytes:.3f}x)" for k, v in mem.items()), flush=True)
+        rows.append(dict(shape=shape, precision=precision, pin=pin, pinned_bytes=plan.pinned_bytes, build_s=build_s,
+                         **{f"{k}_grown": v for k, v in mem.items()}))
+        print(f"{'tokens':>7} {'pass ms':>9} {'GB streamed':>12} {'eff GB/s':>9} {'vs floor':>9}", flush=True)
+        for t in (int(x) for x in args.trees.split(",")):
+            s = time_pass(model, t, args.runs)
+            row = dict(shape=shape, precision=precision, pin=pin, tokens=t, pass_s=s, bytes=per_pass,
+                       eff_bw=per_pass / s, h2d_bw=bw, ratio_to_floor=s / (per_pass / bw) if per_pass else None,
+                       resident_layers=len(plan.resident_layers), streamed_layers=len(plan.streamed_layers))
+            rows.append(row)
+            ratio = f"{row['ratio_to_floor']:>9.2f}" if per_pass else f"{'-':>9}"
+            print(f"{t:>7} {s * 1e3:>9.1f} {per_pass / 1e9:>12.2f} {per_pass / s / 1e9:>9.1f} {ratio}", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # the caching allocator's freed pinned blocks back to the system
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "h2d_bw": bw, "rows": rows}, f, indent=1)

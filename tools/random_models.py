@@ -46,16 +46,17 @@ def random_layers(config, dtype, device: str = "cuda"):
 
 
 def build(shape: str | dict, precision: str, reserve: int, ring: int = 2, resident_compressed: bool = True,
-          layers=None, globals_=None, dtype: torch.dtype = torch.float16, device: str = "cuda"):
+          layers=None, globals_=None, dtype: torch.dtype = torch.float16, device: str = "cuda",
+          pin_allocator: str = "registered"):
     """An offloaded model at ``shape`` (a SHAPES name or a config dict) from ``layers`` (an iterator of
-    layer dicts; default random)."""
+    layer dicts; default random); ``pin_allocator``: "registered" (exact) or "caching" (PyTorch's)."""
     from offload_infer.models import CausalLM, ModelWeights, config_from_dict
     from offload_infer.offload import OffloadBuilder
 
     dev = torch.device(device)
     config = config_from_dict(SHAPES[shape] if isinstance(shape, str) else shape)
     builder = OffloadBuilder(reserve, CODEC[precision], 64, ring, kv_bytes=2 << 30,
-                             resident_compressed=resident_compressed)
+                             resident_compressed=resident_compressed, pin_allocator=pin_allocator)
     plan = builder.prepare(config, dev, dtype)
     glob = globals_ or {k: torch.randn(s, device=dev, dtype=dtype) * 0.02 for k, s in config.global_shapes().items()}
     t0 = time.perf_counter()

@@ -4,6 +4,7 @@ materialised, so the model never exists twice in RAM)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import re
@@ -57,6 +58,11 @@ def open_source(resolved: ResolvedModel) -> tuple[TensorSource, dict]:
         raise CheckpointError(f"{resolved.config_path}: invalid JSON ({e})") from None
     files = list(resolved.files)
     return (SafetensorsSource(files) if resolved.kind == "safetensors" else TorchBinSource(files)), cfg
+
+
+def read_config(resolved: ResolvedModel, model_type: str | None = None) -> FamilyConfig:
+    """A checkpoint's model configuration alone (config.json or the GGUF header; no tensor is read)."""
+    return config_from_dict(open_source(resolved)[1], model_type)
 
 
 def plan_names(config: FamilyConfig, source: TensorSource, packed: dict[str, str] | None = None) -> dict[str, str]:
@@ -127,6 +133,7 @@ def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, s
         bar = tqdm(range(config.n_layers), desc=desc, unit="layer", file=sys.stderr, leave=False,
                    disable=not progress or not sys.stderr.isatty())
         for i in bar:
+            release_freed_memory()  # the last layer's temporaries: glibc would keep them for reuse
             if look_ahead:
                 current, ahead = ahead, (read(i + 1) if i + 1 < config.n_layers else {})
             else:
@@ -144,6 +151,24 @@ def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, s
             yield layer
 
 
+def release_freed_memory() -> None:
+    """Have glibc return freed heap to the system (``malloc_trim``). Loading frees many blocks of a few
+    MB (below glibc's mmap threshold, which rises as large blocks are freed) that glibc would otherwise
+    keep, per thread, for reuse: host memory would then peak well above what the model holds."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 - not glibc (musl, macOS): no trimming
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
+
+
 def _read_one(source: TensorSource, src: str, shape: tuple[int, ...], dtype: torch.dtype,
               packed: dict[str, str] | None) -> tuple[str, object]:
     if src.endswith(".qdata"):
@@ -151,7 +176,14 @@ def _read_one(source: TensorSource, src: str, shape: tuple[int, ...], dtype: tor
         scales = source.load(src[: -len(".qdata")] + ".scales")
         state = QuantState(packed["codec"], tuple(shape), dtype, int(packed["block_size"]), scales)
         return "packed", (source.load(src), state)
-    return "dense", _cast(source.load(src), dtype)
+    return "dense", _load_as(source, src, dtype)
+
+
+def _load_as(source: TensorSource, name: str, dtype: torch.dtype) -> Tensor:
+    """A tensor at ``dtype`` (a GGUF source dequantizes straight into it: no fp32 copy of the whole)."""
+    if isinstance(source, GGUFSource):
+        return _cast(source.load(name, dtype), dtype)
+    return _cast(source.load(name), dtype)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -187,12 +219,16 @@ def load_model(
     mapping = plan_names(config, source, packed)
     prepare = getattr(layer_builder, "prepare", None)
     if prepare is not None:  # plan (and check memory) before anything large is allocated
-        prepare(config, device, dtype, packed["codec"] if packed else None, int(packed["block_size"]) if packed else None)
+        prepare(config, device, dtype, packed["codec"] if packed else None, int(packed["block_size"]) if packed else None,
+                staged_layers=2 if isinstance(source, GGUFSource) else 1)  # iter_layers reads GGUF a layer ahead
     tokenizer = load_tokenizer_for(resolved, source, cfg)  # checked before any weight is read
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{resolved.name}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                               f"embeddings only {config.vocab_size} rows: they do not belong together")
-    globals_ = {n: _cast(source.load(mapping[n]), dtype).to(device) for n in config.global_shapes()}
+    globals_ = {}
+    for n in config.global_shapes():
+        globals_[n] = _load_as(source, mapping[n], dtype).to(device)
+        release_freed_memory()
     layers = layer_builder(config, iter_layers(config, source, mapping, dtype, progress, f"loading {resolved.name}",
                                                packed), device, dtype)
     model = CausalLM(config, ModelWeights(globals_, layers), device, dtype)

@@ -206,7 +206,8 @@ class GGUFSource:
     def where(self, name: str) -> str:
         return f"{self.path} ({self._tensors[name].name})"
 
-    def load(self, name: str) -> Tensor:
+    def load(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The tensor dequantized (in fp32, then rounded to ``dtype`` for the k-quant and legacy block types)."""
         import gguf
         from gguf.quants import dequantize
 
@@ -214,7 +215,8 @@ class GGUFSource:
 
         t = self._tensors[name]
         try:
-            w = dequantize_torch(t.data, t.tensor_type.name, gguf.GGML_QUANT_SIZES[t.tensor_type][1], self.shape(name))
+            w = dequantize_torch(t.data, t.tensor_type.name, gguf.GGML_QUANT_SIZES[t.tensor_type][1], self.shape(name),
+                                 dtype)
             if w is None:  # a type quant/gguf_blocks.py does not handle: the gguf package's numpy code
                 arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
                 if not arr.flags.writeable or not arr.flags.c_contiguous:  # memory-mapped: copy out of the file
