@@ -2,8 +2,8 @@
 
 ``torch.empty(n, pin_memory=True)`` comes from PyTorch's caching host allocator, which rounds every
 block up to a power of two: a 150 MB layer takes 256 MB of RAM (1.5-1.7x over a whole model). Here a
-layer's buffer is plain host memory (its bytes rounded up to whole pages) whose pages are then
-registered with CUDA (``cudaHostRegister``), which makes them page-locked, so host-to-device
+layer's buffer is an anonymous memory mapping (its bytes rounded up to whole pages) whose pages are
+then registered with CUDA (``cudaHostRegister``), which makes them page-locked, so host-to-device
 copies from them run asynchronously at full PCIe speed, at no extra memory. The registration is undone
 before the memory is freed. Where pinning is refused (a locked-memory limit, a container), the buffer
 stays pageable and one warning says copies will be slower.
@@ -60,14 +60,14 @@ def pinned_empty(nbytes: int) -> tuple[Tensor, PinnedRegion | None]:
     global _warned
     if not torch.cuda.is_available() or nbytes == 0:
         return torch.empty(nbytes, dtype=torch.uint8), None
-    # whole pages of our own: registering a page another buffer shares would fail as already registered
+    # whole pages of our own (an anonymous mapping): registering a page another buffer shares would fail
+    # as already registered, and the tensor's storage then starts where the registration does
     span = -(-nbytes // PAGE) * PAGE
-    raw = torch.empty(span + PAGE, dtype=torch.uint8)
-    start = -raw.data_ptr() % PAGE
-    t = raw[start : start + nbytes]
-    err = _register(raw.data_ptr() + start, span)
+    pages = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE)  # private: counted as the process's anonymous memory
+    t = torch.frombuffer(pages, dtype=torch.uint8, count=nbytes)  # holds the mapping while it lives
+    err = _register(t.data_ptr(), span)
     if err == 0:
-        return t, PinnedRegion(raw, raw.data_ptr() + start)
+        return t, PinnedRegion(t, t.data_ptr())
     _clear_cuda_error()
     if not _warned:
         warnings.warn(f"pinning {nbytes / 2**20:.0f} MB of host memory failed (CUDA error {err}); streamed layers stay "
