@@ -23,8 +23,8 @@ SSM = typer.Option([], "--ssm", "-md", "--model-draft", help="Small speculative 
 TREE_BUDGET = typer.Option("16", help="Speculated tokens per LLM pass (best-first growth), or 'auto'.", rich_help_panel="Speculation")
 MAX_TREE_BUDGET = typer.Option(256, min=1, help="Largest budget --tree-budget auto may choose.", rich_help_panel="Speculation")
 EXPANSION = typer.Option(None, help="SpecInfer per-depth expansion widths, e.g. 1,1,3,1,1,1,1,1.", rich_help_panel="Speculation")
-MAX_DEPTH = typer.Option(16, min=1, help="Caps the nodes one best-first tree may process at budget x this (never "
-                                            "above 4 x budget); a tree's depth is bounded by its budget.",
+MAX_DEPTH = typer.Option(None, min=1, help="Deepest speculated token of a tree [default: as deep as the tree budget "
+                                              "(or the --expansion widths) allows].",
                          rich_help_panel="Speculation")
 MAX_SEQUENCE_LENGTH = typer.Option(None, "--max-sequence-length", "-c", "--ctx-size", min=2,
                                    help="Prompt + output limit in tokens [default: min(2048, the model's context)].", rich_help_panel="Model")
@@ -67,7 +67,7 @@ class ModelOptions:
     tree_budget: str = "16"
     max_tree_budget: int = 256
     expansion: Optional[str] = None
-    max_depth: int = 16
+    max_depth: Optional[int] = None
     max_sequence_length: Optional[int] = None
     use_full_precision: bool = False
     device: str = "auto"
@@ -89,7 +89,7 @@ _OPTIONS = {
     "llm": (str, LLM), "llm_model": (Optional[str], LLM_MODEL), "llm_weight": (Optional[Path], LLM_WEIGHT),
     "llm_config": (Optional[Path], LLM_CONFIG), "tokenizer": (Optional[Path], TOKENIZER), "ssm": (list[str], SSM),
     "tree_budget": (str, TREE_BUDGET), "max_tree_budget": (int, MAX_TREE_BUDGET),
-    "expansion": (Optional[str], EXPANSION), "max_depth": (int, MAX_DEPTH),
+    "expansion": (Optional[str], EXPANSION), "max_depth": (Optional[int], MAX_DEPTH),
     "max_sequence_length": (Optional[int], MAX_SEQUENCE_LENGTH), "use_full_precision": (bool, FULL_PRECISION),
     "device": (str, DEVICE), "offload": (bool, OFFLOAD), "offload_reserve_space_size": (str, RESERVE),
     "quant_4bit": (bool, Q4), "quant_8bit": (bool, Q8), "quant_codec": (Optional[str], CODEC),

@@ -5,10 +5,14 @@ once it drafts, and a backlog of committed tokens it has not processed yet (the 
 accepted tokens that were leaves of its tree and the LLM's bonus token). Two ways to grow a tree:
 
 - ``expansion``: SpecInfer's per-depth widths: each node at depth d-1 gets the SSM's top ``w_d`` tokens.
-- ``budget``: best-first by cumulative SSM probability (SpecExec/Sequoia): each round expands, in one
-  SSM call, every not-yet-expanded node among the ``budget`` most probable so far, and stops when all
-  of them are expanded (the kept set is then exactly the best ``budget`` nodes reachable with at most
-  ``branch`` children per node) or the depth limit is hit.
+- ``budget``: best-first (SpecExec/Sequoia) by the estimated probability that the LLM accepts the whole
+  path, each node's acceptance learned online from verified trees (calibration.py; the SSM's own
+  probability until there are records). Each round expands, in one SSM call, the not-yet-expanded nodes
+  among the ``budget`` best so far that score within a factor ``EXPAND_RATIO`` of the best of them (so a
+  confident chain grows a level per round without spending the cache on siblings it will outrank), and
+  growth stops when all of the best ``budget`` are expanded: the kept set is then exactly the best
+  ``budget`` nodes reachable with at most ``branch`` children per node. Depth is bounded by the budget
+  alone (a chain of the whole budget is possible), or by ``max_depth`` when set.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from offload_infer.calibration import AcceptanceCalibration
 from offload_infer.models import CausalLM
 from offload_infer.kv_pool import Part, SeqKV
 from offload_infer.static_forward import StaticForward, can_use_graphs
@@ -28,6 +33,7 @@ from offload_infer.tree import TokenTree
 
 
 PROCESSED_PER_BUDGET = 4  # best-first growth expands at most this many nodes per node of budget
+EXPAND_RATIO = 0.1  # a round expands the candidates scoring at least this fraction of the best candidate
 
 
 @dataclass(frozen=True)
@@ -35,15 +41,19 @@ class TreeConfig:
     budget: int = 16  # speculated nodes per LLM pass (best-first); with auto, the largest budget tried
     auto: bool = False  # choose the budget per pass from measured step times and acceptance (autobudget.py)
     expansion: tuple[int, ...] = ()  # SpecInfer per-depth widths, e.g. (1, 1, 3, 1, 1, 1, 1, 1)
-    max_depth: int = 16  # deepest speculated node in best-first growth
+    max_depth: int | None = None  # deepest speculated node (None: as deep as the budget or widths allow)
     branch: int = 8  # children considered per expanded node in best-first growth
+    calibrated: bool = True  # best-first ranks by learned acceptance (False: by the SSM's probabilities)
+    expand_ratio: float = EXPAND_RATIO  # a round expands candidates scoring this fraction of the best (0: all)
 
     def __post_init__(self) -> None:
         if self.expansion and any(w < 1 for w in self.expansion):
             raise ValueError(f"expansion widths must be >= 1, got {list(self.expansion)}")
         if not self.expansion and self.budget < 1:
             raise ValueError(f"tree budget must be >= 1, got {self.budget}")
-        if self.max_depth < 1 or self.branch < 1:
+        if not 0 <= self.expand_ratio <= 1:
+            raise ValueError(f"expand_ratio must be within [0, 1], got {self.expand_ratio}")
+        if (self.max_depth is not None and self.max_depth < 1) or self.branch < 1:
             raise ValueError("max_depth and branch must be >= 1")
         if self.auto and self.expansion:
             raise ValueError("an automatic tree budget applies to best-first growth, not to expansion widths")
@@ -57,11 +67,11 @@ class TreeConfig:
 
     def max_processed(self) -> int:
         """Most nodes one SSM may process in one tree (sizes its cache beyond the sequence). Best-first
-        growth expands about twice its budget (nodes expanded and then outranked); it stops at four times
-        (rarely reached), which bounds the SSM's cache (budget x max_depth would be 4K slots at 256)."""
+        growth expands little more than its budget (nodes expanded and then outranked); it stops at four
+        times, which bounds the SSM's cache."""
         if self.expansion:
             return self.max_nodes
-        return min(self.budget * self.max_depth, PROCESSED_PER_BUDGET * self.budget)
+        return PROCESSED_PER_BUDGET * self.budget
 
 
 @dataclass
@@ -77,6 +87,7 @@ class DraftState:
     anc: Tensor = field(default_factory=lambda: torch.zeros(64, 64, dtype=torch.bool))  # pending slot ->
     # pending slots of its ancestors and itself
     calls: int = 0  # SSM forwards in the last draft (drafting rounds)
+    kept: TokenTree | None = None  # the tree it proposed for verification (for calibration)
 
 
 @dataclass
@@ -107,6 +118,7 @@ class Drafter:
         self.cfg = cfg
         self.pool = model.new_pool(n_blocks, block_size)
         self.valid_vocab = valid_vocab  # ids at or above this are embedding padding: never proposed
+        self.calibration = AcceptanceCalibration()
         static = can_use_graphs(model) if static is None else static
         self.static = StaticForward(model, self.pool) if static else None
 
@@ -141,7 +153,9 @@ class Drafter:
         active: dict[int, tuple[Growth, _Forward]] = {}
         for i, (st, depth, budget) in enumerate(zip(states, max_depths, budgets)):
             root = st.backlog[-1]
-            st.tree, st.slot, st.calls = TokenTree.root(root), {}, 0
+            st.tree, st.slot, st.calls, st.kept = TokenTree.root(root), {}, 0, None
+            if self.cfg.max_depth is not None:
+                depth = min(depth, self.cfg.max_depth)
             if depth < 1 or budget < 1:
                 trees[i] = TokenTree.root(root)
                 continue
@@ -156,7 +170,7 @@ class Drafter:
                 try:
                     active[i] = (active[i][0], active[i][0].send(res))
                 except StopIteration as done:
-                    trees[i] = done.value
+                    trees[i] = states[i].kept = done.value
                     del active[i]
         return trees  # type: ignore[return-value]
 
@@ -238,33 +252,44 @@ class Drafter:
                          max_depth: int, budget: int) -> Growth:
         tree = st.tree
         k = min(self.cfg.branch, budget)
-        logp = [0.0]
+        score = [0.0]  # log of the estimated probability that the LLM accepts the path to each node
         expanded: set[int] = set()
-
-        cutoff = [-math.inf]  # the worst kept node's log-probability once `budget` nodes are kept
+        cal = self.calibration if self.cfg.calibrated else None
+        cutoff = [-math.inf]  # the worst kept node's score once `budget` nodes are kept
 
         def add_children(node: int, lps: list[float], toks: list[int]) -> None:
-            for lp, t in zip(lps, toks):  # a node is expanded once, its top-k tokens are distinct: all new
-                if logp[node] + lp < cutoff[0]:
+            parent_q = None if node == 0 else tree.q[node]
+            scored = []
+            for lp, t in zip(lps, toks):
+                q = math.exp(lp)
+                s = math.log(max(cal.estimate(q, parent_q), 1e-30)) if cal is not None else lp
+                scored.append((score[node] + s, t, q))
+            for s, t, q in sorted(scored, reverse=True):  # a node is expanded once: its top-k tokens are new
+                if s < cutoff[0]:
                     break  # below every kept node, and the kept set only gets better: it could never enter
-                tree.add(t, node, math.exp(lp))
-                logp.append(logp[node] + lp)
-            assert len(logp) == len(tree)
+                tree.add(t, node, q)
+                score.append(s)
+            assert len(score) == len(tree)
 
         def rank(i: int) -> tuple[float, int, int]:
-            return (-logp[i], tree.depths[i], i)
+            return (-score[i], tree.depths[i], i)
 
         add_children(0, root_lps[0], root_toks[0])
         top = sorted(range(1, len(tree)), key=rank)[:budget]  # the best `budget` nodes so far
         if len(top) == budget:
-            cutoff[0] = logp[top[-1]]
+            cutoff[0] = score[top[-1]]
         limit = self.cfg.max_processed()
         while True:
-            todo = sorted(i for i in top if i not in expanded and tree.depths[i] < max_depth)
+            todo = [i for i in top if i not in expanded and tree.depths[i] < max_depth]
+            if todo:  # the best candidates only: the rest wait for a later round, if they stay in the top
+                best = max(score[i] for i in todo)
+                if self.cfg.expand_ratio > 0:
+                    todo = [i for i in todo if score[i] >= best + math.log(self.cfg.expand_ratio)]
             if len(expanded) + len(todo) > limit:  # the cache holds no more: the best that fit
-                todo = sorted(sorted(todo, key=rank)[: limit - len(expanded)])
+                todo = sorted(todo, key=rank)[: limit - len(expanded)]
             if not todo:
                 break
+            todo.sort()
             lps_all, toks_all = yield self._ask_nodes(st, todo, k)
             new = len(tree)
             for node, lps, toks in zip(todo, lps_all, toks_all):
@@ -273,11 +298,11 @@ class Drafter:
             # nodes only ever join the tree, so one that falls out of the best `budget` never returns
             top = heapq.nsmallest(budget, top + list(range(new, len(tree))), key=rank)
             if len(top) == budget:
-                cutoff[0] = logp[top[-1]]
+                cutoff[0] = score[top[-1]]
         keep = sorted(top)
         out = TokenTree.root(tree.tokens[0])
         where = {0: 0}
-        for i in keep:  # parents precede children, and a kept node's parent is kept (its logp is higher)
+        for i in keep:  # parents precede children, and a kept node's parent is kept (its score is higher)
             where[i] = out.add(tree.tokens[i], where[tree.parents[i]], tree.q[i])
         return out
 
@@ -286,6 +311,9 @@ class Drafter:
         this SSM processed and queue the rest; one pool copy for all requests."""
         kept = []
         for st, accepted, next_token in items:
+            if st.kept is not None and len(st.kept) > 1:  # this step's tree, verified: learn from it
+                self.calibration.observe(st.kept, accepted + [next_token])
+            st.kept = None
             node, slots, i = 0, [], 0
             while i < len(accepted):
                 child = st.tree.child(node, accepted[i])

@@ -75,7 +75,7 @@ def stream(url: str, prompt: str, new: int) -> tuple[float, float, int]:
                 n = d["usage"]["completion_tokens"]
             elif first is None and d["choices"] and d["choices"][0]["text"]:
                 first = time.perf_counter() - t0
-    return first or 0.0, time.perf_counter() - t0, n
+    return first, time.perf_counter() - t0, n  # first: None when no text came at all
 
 
 def clients(url: str, prompts: list[str], counts: list[int], new: int, out) -> None:
@@ -112,14 +112,16 @@ def main() -> None:
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
     counts = [int(c) for c in args.clients.split(",")]
     llm, plan, _ = build(SHAPES[args.shape], args.precision, parse_size(args.reserve), dtype=dtype, device=dev)
-    llm.weights.globals["lm_head.weight"][:2] = 0  # never the tokenizer's <s> or </s> (they decode to no text)
     print(plan.describe(), flush=True)
     wd = tempfile.mkdtemp()
     tok = make_tokenizer(wd, llm.vocab_size)
-    # valid_vocab: the random model may only pick tokens the small tokenizer has, so every token is text
+    # greedy picks only tokens that are text: the rows of <s>, </s> and of ids past the small tokenizer's
+    # vocabulary give logit 0, below the largest of the other (random) logits
+    head = llm.weights.globals["lm_head.weight"]
+    head[:2] = 0
+    head[tok.vocab_size :] = 0
     engine = Engine(llm, max_sequence_length=4 * args.prompt_len + args.new, max_batch_size=max(counts),
-                    max_batch_tokens=max(2048, max(counts) * args.prompt_len), detokenize=tok.decode,
-                    valid_vocab=tok.vocab_size)
+                    max_batch_tokens=max(2048, max(counts) * args.prompt_len), detokenize=tok.decode)
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(3, tok.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(max(counts))]
     prompts = [tok.decode(p) for p in ids]
@@ -169,11 +171,12 @@ def main() -> None:
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         for c, (got, wall) in by_count.items():
-            ttft = [f for f, _, _ in got]
+            ttft = [f for f, _, _ in got if f is not None]
+            assert ttft, "no stream produced text"
             row = {"clients": c, "aggregate_tokens_per_s": sum(n for _, _, n in got) / wall,
                    "per_client_tokens_per_s_median": statistics.median(n / dt for _, dt, n in got),
                    "ttft_s_median": statistics.median(ttft), "ttft_s_p95": percentile(ttft, 0.95),
-                   "tokens": sum(n for _, _, n in got)}
+                   "tokens": sum(n for _, _, n in got), "streams_without_text": len(got) - len(ttft)}
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
     finally:

@@ -1,0 +1,205 @@
+"""Tokens per LLM pass (and tokens/s) by prompt category, with the real Qwen2.5-Coder pair: trees shaped by
+learned acceptance against the trees of before (ranked by the SSM's probabilities, every candidate of the
+best ``budget`` expanded, depth 16) and against transformers' assisted generation (a chain whose length
+grows while it is accepted).
+
+    PYTHONPATH=. python tools/bench_tree_shapes.py [--device cpu|cuda] [--offload --reserve 1.2G] \
+        [--budgets 16,64,256] [--before 16,64] [--auto] [--peer] [--new 64] [--json out.json]
+
+Categories (held out: none of these prompts was used to tune anything): 8 code tasks in chat whose
+answers copy a given signature and docstring, 8 raw code completions (no chat template), 16 chat
+questions. Greedy; every output is compared with incremental decoding. Tokens per pass = tokens generated
+after the first / LLM passes after the first, pooled over a category's prompts (the first pass reads the
+prompt). The peer's passes are counted with a forward hook on its LLM. fp32 on the CPU, fp16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+CODE_CHAT = [
+    'Complete this function:\n```python\ndef merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:\n'
+    '    """Merge overlapping closed intervals and return them sorted by start."""\n```',
+    'Implement this function:\n```python\ndef is_anagram(a: str, b: str) -> bool:\n'
+    '    """Return True if a and b contain the same letters, ignoring case and spaces."""\n```',
+    'Write the body of this function:\n```python\ndef chunked(items: list, size: int) -> list[list]:\n'
+    '    """Split items into consecutive lists of at most size elements."""\n```',
+    'Complete:\n```python\ndef flatten(nested: list) -> list:\n'
+    '    """Flatten arbitrarily nested lists into one flat list, keeping order."""\n```',
+    'Implement:\n```python\ndef count_vowels(text: str) -> int:\n    """Count the vowels (a, e, i, o, u) in text, '
+    'case-insensitively."""\n```',
+    'Complete this function:\n```python\ndef rotate_matrix(m: list[list[int]]) -> list[list[int]]:\n'
+    '    """Rotate a square matrix 90 degrees clockwise and return the new matrix."""\n```',
+    'Implement this function:\n```python\ndef parse_key_values(line: str) -> dict[str, str]:\n'
+    '    """Parse "a=1; b=2" into {"a": "1", "b": "2"}, stripping spaces."""\n```',
+    'Write this function:\n```python\ndef moving_average(xs: list[float], window: int) -> list[float]:\n'
+    '    """Return the averages of each run of window consecutive values."""\n```',
+]
+RAW_CODE = [
+    'def gcd(a: int, b: int) -> int:\n    """Greatest common divisor by Euclid\'s algorithm."""\n',
+    "import json\n\n\ndef load_config(path):\n    \"\"\"Read a JSON config file and return it as a dict.\"\"\"\n",
+    "class Queue:\n    \"\"\"A FIFO queue on two stacks.\"\"\"\n\n    def __init__(self):\n",
+    "def bubble_sort(xs):\n    \"\"\"Sort xs in place with bubble sort and return it.\"\"\"\n    n = len(xs)\n",
+    "#include <stdio.h>\n\n/* Print the first n Fibonacci numbers. */\nvoid print_fib(int n) {\n",
+    "function capitalize(words) {\n  // Capitalize the first letter of every word in the array.\n",
+    "def read_lines(path):\n    \"\"\"Return the non-empty lines of a text file, stripped.\"\"\"\n    with open(path) as f:\n",
+    "SELECT customer_id, SUM(amount) AS total\nFROM orders\n",
+]
+CHAT = [
+    "What is the difference between a list and a tuple in Python?",
+    "How does garbage collection work in Java?",
+    "Explain what a race condition is.",
+    "What does the CAP theorem say?",
+    "Why are immutable objects useful?",
+    "What is the purpose of a virtual environment in Python?",
+    "Explain how a B-tree differs from a binary search tree.",
+    "What is dependency injection?",
+    "How do I choose between SQL and NoSQL databases?",
+    "What is tail recursion?",
+    "Explain what a closure is in JavaScript.",
+    "What is the difference between TCP and UDP?",
+    "What are the SOLID principles?",
+    "How does a CPU cache improve performance?",
+    "Explain eventual consistency.",
+    "What is a memory leak and how do you find one?",
+]
+CATEGORIES = {"code in chat": (CODE_CHAT, True), "raw code": (RAW_CODE, False), "chat questions": (CHAT, True)}
+
+
+def peer_passes(args, prompts_by_cat, refs_by_cat, dtype, device) -> dict:
+    """transformers' assisted generation with the same pair: tokens per pass per category."""
+    from transformers import AutoModelForCausalLM
+
+    from weights.resolve import resolve
+
+    def hf(name: str):
+        f = resolve(name).files[0]
+        return AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, torch_dtype=dtype).to(device).eval()
+
+    llm, ssm = hf(args.llm), hf(args.ssm)
+    calls = [0]
+    llm.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    out = {}
+    for cat, prompts in prompts_by_cat.items():
+        produced = passes = same = 0
+        t0 = time.perf_counter()
+        for ids, ref in zip(prompts, refs_by_cat[cat]):
+            calls[0] = 0
+            x = torch.tensor([ids], device=device)
+            with torch.inference_mode():
+                y = llm.generate(x, attention_mask=torch.ones_like(x), assistant_model=ssm, max_new_tokens=args.new,
+                                 do_sample=False, eos_token_id=list(args.eos), pad_token_id=list(args.eos)[0])
+            got = y[0, len(ids):].tolist()
+            same += got == ref
+            produced += len(got) - 1
+            passes += calls[0] - 1
+        out[cat] = {"tokens_per_pass": produced / max(1, passes), "identical": same, "prompts": len(prompts),
+                    "produced_after_first": produced, "passes_after_first": passes,
+                    "seconds": time.perf_counter() - t0}
+        print(f"{'transformers assisted':<34} {cat:<15} {out[cat]['tokens_per_pass']:>8.2f} "
+              f"{same:>3}/{len(prompts):<2} {'':>7} {out[cat]['seconds']:>7.1f}", flush=True)
+    pooled = sum(r["produced_after_first"] for r in out.values()) / sum(r["passes_after_first"] for r in out.values())
+    out["all"] = {"tokens_per_pass": pooled}
+    print(f"{'transformers assisted':<34} {'all':<15} {pooled:>8.2f}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--llm", default="qwen-1.5b")
+    ap.add_argument("--ssm", default="qwen-0.5b")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--reserve", default="1.2G")
+    ap.add_argument("--budgets", default="16,64,256", help="calibrated trees (now)")
+    ap.add_argument("--before", default="16,64", help="trees as before: SSM probabilities, depth 16, every candidate")
+    ap.add_argument("--auto", action="store_true")
+    ap.add_argument("--peer", action="store_true", help="transformers' assisted generation with the same pair")
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from offload_infer.engine import Engine
+    from offload_infer.offload import OffloadBuilder, parse_size
+    from offload_infer.speculate import TreeConfig, shared_vocab_size
+    from offload_infer.stats import GenerationStats
+    from weights.load import load_model, resident_layers
+    from weights.resolve import resolve
+
+    dev = torch.device(args.device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    builder = OffloadBuilder(parse_size(args.reserve), kv_bytes=1 << 30) if args.offload else resident_layers
+    llm = load_model(resolve(args.llm), device=dev, dtype=dtype, layer_builder=builder)
+    ssm = load_model(resolve(args.ssm), device=dev, dtype=dtype)
+    vocab = shared_vocab_size(llm.tokenizer.token_strings(), ssm.tokenizer.token_strings(), llm.model.vocab_size,
+                              ssm.model.vocab_size, args.ssm)
+    tok, eos = llm.tokenizer, llm.tokenizer.eos_ids
+    args.eos = eos
+    prompts = {cat: [tok.encode_prompt(p, chat=chat) for p in texts] for cat, (texts, chat) in CATEGORIES.items()}
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run(engine) -> dict:
+        res = {}
+        for cat, ps in prompts.items():
+            outs, produced, passes = [], 0, 0
+            sync()
+            t0 = time.perf_counter()
+            for p in ps:
+                st = GenerationStats()
+                outs.append([t for s in engine.generate(p, args.new, stats=st) for t in s])
+                produced += sum(st.tokens_per_pass)
+                passes += len(st.tokens_per_pass)
+            sync()
+            wall = time.perf_counter() - t0
+            res[cat] = {"outputs": outs, "tokens": sum(map(len, outs)), "seconds": wall,
+                        "tokens_per_pass": produced / max(1, passes), "produced_after_first": produced,
+                        "passes_after_first": passes}
+        return res
+
+    base = run(Engine(llm.model, max_sequence_length=1024, eos_ids=eos))
+    refs = {cat: r.pop("outputs") for cat, r in base.items()}
+    configs = {f"budget {b}": TreeConfig(budget=int(b)) for b in args.budgets.split(",") if b}
+    configs |= {f"budget {b} (before)": TreeConfig(budget=int(b), calibrated=False, expand_ratio=0.0, max_depth=16)
+                for b in args.before.split(",") if b}
+    if args.auto:
+        configs["auto"] = TreeConfig(budget=max(int(b) for b in args.budgets.split(",")), auto=True)
+    results = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
+               "args": {k: v for k, v in vars(args).items() if k != "eos"}, "incremental": base, "trees": {}}
+    print(f"{'config':<34} {'category':<15} {'tok/pass':>8} {'same':>6} {'tok/s':>7} {'time s':>7}", flush=True)
+    for cat, r in base.items():
+        print(f"{'incremental':<34} {cat:<15} {1.0:>8.2f} {'':>6} {r['tokens'] / r['seconds']:>7.2f} "
+              f"{r['seconds']:>7.1f}", flush=True)
+    for name, cfg in configs.items():
+        engine = Engine(llm.model, [ssm.model], cfg, max_sequence_length=1024, eos_ids=eos, valid_vocab=vocab)
+        res = run(engine)
+        for cat, r in res.items():
+            outs = r.pop("outputs")
+            r["identical"] = sum(o == ref for o, ref in zip(outs, refs[cat]))
+            r["prompts"] = len(outs)
+            print(f"{name:<34} {cat:<15} {r['tokens_per_pass']:>8.2f} {r['identical']:>3}/{len(outs):<2} "
+                  f"{r['tokens'] / r['seconds']:>7.2f} {r['seconds']:>7.1f}", flush=True)
+        tokens = sum(r["tokens"] for r in res.values())
+        seconds = sum(r["seconds"] for r in res.values())
+        pooled = sum(r["produced_after_first"] for r in res.values()) / sum(r["passes_after_first"] for r in res.values())
+        res["all"] = {"tokens_per_s": tokens / seconds, "tokens_per_pass": pooled}
+        print(f"{name:<34} {'all':<15} {pooled:>8.2f} {'':>6} {tokens / seconds:>7.2f} {seconds:>7.1f}", flush=True)
+        results["trees"][name] = res
+    if args.peer:
+        results["peer"] = peer_passes(args, prompts, refs, dtype, dev)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    sys.exit(main())
