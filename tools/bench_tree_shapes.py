@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--auto", action="store_true")
     ap.add_argument("--peer", action="store_true", help="transformers' assisted generation with the same pair")
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--categories", default=",".join(CATEGORIES))
+    ap.add_argument("--limit", type=int, default=None, help="first N prompts of each category (a quick look)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_infer.engine import Engine
@@ -140,7 +142,8 @@ def main() -> None:
                               ssm.model.vocab_size, args.ssm)
     tok, eos = llm.tokenizer, llm.tokenizer.eos_ids
     args.eos = eos
-    prompts = {cat: [tok.encode_prompt(p, chat=chat) for p in texts] for cat, (texts, chat) in CATEGORIES.items()}
+    prompts = {cat: [tok.encode_prompt(p, chat=chat) for p in texts[: args.limit]]
+               for cat, (texts, chat) in CATEGORIES.items() if cat in args.categories.split(",")}
 
     def sync() -> None:
         if dev.type == "cuda":
