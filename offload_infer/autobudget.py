@@ -40,12 +40,9 @@ _INFLATED = 1.25  # a cost this far above a larger budget's had a one-time cost 
 
 
 def rank_nodes(tree: TokenTree) -> list[int]:
-    """Speculated nodes, most probable first (cumulative SSM probability; ties: shallower, earlier):
-    the order in which best-first growth keeps them."""
-    cum = [1.0] * len(tree)
-    for i in range(1, len(tree)):
-        cum[i] = cum[tree.parents[i]] * tree.q[i]
-    return sorted(range(1, len(tree)), key=lambda i: (-cum[i], tree.depths[i], i))
+    """Speculated nodes, best first (the drafter's scores: calibrated acceptance of the path, or the
+    cumulative SSM probability; ties: shallower, earlier): the order in which best-first growth keeps them."""
+    return sorted(range(1, len(tree)), key=lambda i: (-tree.score[i], tree.depths[i], i))
 
 
 def depth_by_budget(tree: TokenTree, budgets: list[int]) -> dict[int, int]:

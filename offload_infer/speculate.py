@@ -303,7 +303,7 @@ class Drafter:
         out = TokenTree.root(tree.tokens[0])
         where = {0: 0}
         for i in keep:  # parents precede children, and a kept node's parent is kept (its score is higher)
-            where[i] = out.add(tree.tokens[i], where[tree.parents[i]], tree.q[i])
+            where[i] = out.add(tree.tokens[i], where[tree.parents[i]], tree.q[i], score[i])
         return out
 
     def commit(self, items: list[tuple[DraftState, list[int], int]]) -> None:

@@ -6,6 +6,7 @@ a speculated continuation of its parent. Children always come after their parent
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,9 @@ class TokenTree:
     parents: list[int] = field(default_factory=lambda: [-1])
     depths: list[int] = field(default_factory=lambda: [0])
     q: list[float] = field(default_factory=lambda: [1.0])  # drafting SSM's probability of each token given its parent
+    # the drafter's ranking score of each node (log of the estimated probability that the LLM accepts the
+    # path to it; by default the cumulative log q): best-first growth kept the highest
+    score: list[float] = field(default_factory=lambda: [0.0])
     _children: list[dict[int, int]] = field(default_factory=lambda: [{}])
 
     @classmethod
@@ -27,16 +31,21 @@ class TokenTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, token: int, parent: int, q: float = 1.0) -> int:
-        """Add a child of ``parent``; an existing child with the same token is returned, not duplicated."""
+    def add(self, token: int, parent: int, q: float = 1.0, score: float | None = None) -> int:
+        """Add a child of ``parent``; an existing child with the same token is returned, not duplicated
+        (it keeps the better of the two scores)."""
+        if score is None:
+            score = self.score[parent] + (math.log(q) if q > 0 else -math.inf)
         existing = self._children[parent].get(token)
         if existing is not None:
+            self.score[existing] = max(self.score[existing], score)
             return existing
         i = len(self.tokens)
         self.tokens.append(token)
         self.parents.append(parent)
         self.depths.append(self.depths[parent] + 1)
         self.q.append(q)
+        self.score.append(score)
         self._children.append({})
         self._children[parent][token] = i
         return i
@@ -60,7 +69,7 @@ class TokenTree:
         assert other.tokens[0] == self.tokens[0], "trees with different roots"
         where = [0]
         for i in range(1, len(other)):
-            where.append(self.add(other.tokens[i], where[other.parents[i]], other.q[i]))
+            where.append(self.add(other.tokens[i], where[other.parents[i]], other.q[i], other.score[i]))
 
     def token_tensor(self) -> Tensor:
         return torch.tensor(self.tokens, dtype=torch.long)

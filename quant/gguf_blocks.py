@@ -103,21 +103,23 @@ CHUNK_BYTES = 2 << 20  # blocks dequantized at a time: bounds the temporaries to
 
 
 def dequantize(data: np.ndarray, type_name: str, block_bytes: int, shape: tuple[int, ...],
-               dtype: torch.dtype = torch.float32) -> Tensor | None:
+               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor | None:
     """A GGUF tensor's blocks (``data`` as the reader maps them) as ``dtype`` of ``shape`` (computed in
     fp32, then rounded); None for a type not handled here (the ``gguf`` package's numpy code then does it).
     The blocks are copied out of the file and dequantized a chunk at a time, straight into the result,
-    so a large tensor (an embedding) costs little more than its result in memory."""
+    so a large tensor (an embedding) costs little more than its result in memory; with ``device`` the
+    result is made there (a chunk of blocks at a time crosses, no host copy of the whole)."""
     fn = DEQUANTIZE.get(type_name)
     if fn is None:
         return None
     flat = np.asarray(data, dtype=np.uint8).reshape(-1)
     n_blocks = flat.size // block_bytes
     per_block = math.prod(shape) // n_blocks
-    out = torch.empty(n_blocks, per_block, dtype=dtype)  # [n_blocks, elements_per_block]
+    out = torch.empty(n_blocks, per_block, dtype=dtype, device=device)  # [n_blocks, elements_per_block]
     step = max(1, CHUNK_BYTES // block_bytes)
     for a in range(0, n_blocks, step):
         b = min(n_blocks, a + step)
-        blocks = torch.from_numpy(np.array(flat[a * block_bytes : b * block_bytes], copy=True)).reshape(-1, block_bytes)
+        chunk = torch.from_numpy(np.array(flat[a * block_bytes : b * block_bytes], copy=True))
+        blocks = chunk.to(device).reshape(-1, block_bytes)
         out[a:b] = fn(blocks)
     return out.reshape(shape)

@@ -55,3 +55,28 @@ def test_cuda_matches_the_cpu(name):
     cpu = DEQUANTIZE[name](blocks)
     gpu = DEQUANTIZE[name](blocks.cuda()).cpu()
     torch.testing.assert_close(gpu, cpu, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_0", "Q8_0"])
+def test_chunked_dequantization_into_a_dtype_equals_the_whole(name, monkeypatch):
+    """``dequantize`` works a few blocks at a time straight into its result: the same values as the whole
+    tensor at once (and, for fp16, those values rounded once)."""
+    import gguf
+
+    import quant.gguf_blocks as gb
+
+    nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][1]
+    per_block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][0]
+    rng = np.random.default_rng(2)
+    blocks = rng.integers(0, 256, size=(40, nbytes), dtype=np.uint8)
+    blocks[:, :2] = rng.standard_normal(40).astype(np.float16).view(np.uint8).reshape(40, 2)
+    whole = DEQUANTIZE[name](torch.from_numpy(blocks)).reshape(40 * per_block // 64, 64)
+    monkeypatch.setattr(gb, "CHUNK_BYTES", 6 * nbytes)  # 7 chunks, the last one short
+    shape = (40 * per_block // 64, 64)
+    torch.testing.assert_close(dequantize(blocks, name, nbytes, shape), whole, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(dequantize(blocks, name, nbytes, shape, torch.float16), whole.half(), rtol=0, atol=0,
+                               equal_nan=True)
+    if torch.cuda.is_available():
+        on_gpu = dequantize(blocks, name, nbytes, shape, torch.float16, "cuda")
+        assert on_gpu.is_cuda
+        torch.testing.assert_close(on_gpu.cpu(), whole.half(), rtol=0, atol=0, equal_nan=True)

@@ -179,11 +179,12 @@ def _read_one(source: TensorSource, src: str, shape: tuple[int, ...], dtype: tor
     return "dense", _load_as(source, src, dtype)
 
 
-def _load_as(source: TensorSource, name: str, dtype: torch.dtype) -> Tensor:
-    """A tensor at ``dtype`` (a GGUF source dequantizes straight into it: no fp32 copy of the whole)."""
+def _load_as(source: TensorSource, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
+    """A tensor at ``dtype`` on ``device``. A GGUF source dequantizes straight into it, on the device: no
+    fp32 copy, and no host copy of a whole embedding on its way to a GPU."""
     if isinstance(source, GGUFSource):
-        return _cast(source.load(name, dtype), dtype)
-    return _cast(source.load(name), dtype)
+        return _cast(source.load(name, dtype, device), dtype)
+    return _cast(source.load(name), dtype).to(device)
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -227,7 +228,7 @@ def load_model(
                               f"embeddings only {config.vocab_size} rows: they do not belong together")
     globals_ = {}
     for n in config.global_shapes():
-        globals_[n] = _load_as(source, mapping[n], dtype).to(device)
+        globals_[n] = _load_as(source, mapping[n], dtype, device)
         release_freed_memory()
     layers = layer_builder(config, iter_layers(config, source, mapping, dtype, progress, f"loading {resolved.name}",
                                                packed), device, dtype)

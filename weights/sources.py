@@ -206,8 +206,9 @@ class GGUFSource:
     def where(self, name: str) -> str:
         return f"{self.path} ({self._tensors[name].name})"
 
-    def load(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The tensor dequantized (in fp32, then rounded to ``dtype`` for the k-quant and legacy block types)."""
+    def load(self, name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+        """The tensor dequantized (in fp32, then rounded to ``dtype`` for the k-quant and legacy block types),
+        on ``device`` (the block types are dequantized there; others are made on the host and moved)."""
         import gguf
         from gguf.quants import dequantize
 
@@ -216,7 +217,7 @@ class GGUFSource:
         t = self._tensors[name]
         try:
             w = dequantize_torch(t.data, t.tensor_type.name, gguf.GGML_QUANT_SIZES[t.tensor_type][1], self.shape(name),
-                                 dtype)
+                                 dtype, device)
             if w is None:  # a type quant/gguf_blocks.py does not handle: the gguf package's numpy code
                 arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
                 if not arr.flags.writeable or not arr.flags.c_contiguous:  # memory-mapped: copy out of the file
@@ -227,7 +228,7 @@ class GGUFSource:
         if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = self.n_head if ".q_proj." in name else self.n_kv
             w = _unpermute_rows(w, heads)
-        return w
+        return w.to(device)
 
 
 def _unpermute_rows(w: Tensor, n_heads: int) -> Tensor:
