@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from offload_infer.memory import (Footprint, OffloadPlanError, available_host_bytes, check_footprint,  # noqa: F401
+from offload_infer.memory import (Footprint, OffloadPlanError, check_footprint,  # noqa: F401 (OffloadPlanError: re-export)
                                   kv_pool_bytes, layer_source_bytes)
 from offload_infer.models.base import FamilyConfig, dense_layer
 from offload_infer.pinned import PinnedRegion, caching_pinned_empty, pinned_empty

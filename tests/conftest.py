@@ -26,6 +26,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def assert_outputs_follow(outputs: list[tuple[int, ...]], expected: dict[tuple[int, ...], float]) -> None:
+    """Sampled outputs follow the ``expected`` distribution over token sequences: no output outside it,
+    and a chi-square test does not reject it (p > 1e-3)."""
+    n = len(outputs)
+    counts: dict[tuple[int, ...], int] = {}
+    for out in outputs:
+        counts[out] = counts.get(out, 0) + 1
+    assert set(counts) <= set(expected)
+    stat = sum((counts.get(k, 0) - n * e) ** 2 / (n * e) for k, e in expected.items())
+    p = float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2, dtype=torch.float64),
+                                      torch.tensor(stat / 2)))
+    assert p > 1e-3, (stat, len(expected))
+
+
 def llama_cfg(**kw):
     from transformers import LlamaConfig
 
