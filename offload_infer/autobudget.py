@@ -207,6 +207,13 @@ class AutoBudget:
             return 1.0
         return self._llm.at(b) + self._per_level.at(b) * self._levels.at(b, 1.0)
 
+    def level_cost(self, b: int) -> float | None:
+        """One drafting round's time as a fraction of the LLM pass at budget ``b`` (None until measured):
+        what best-first growth weighs a deeper level against."""
+        if not self._llm.value or not self._per_level.value:
+            return None
+        return self._per_level.at(b) / self._llm.at(b)
+
     def tokens(self, b: int, optimistic: bool = True) -> float:
         """Estimated tokens per pass at budget ``b`` (not ``optimistic``: from measured gains alone)."""
         return self._tokens.at(b, 1.5, optimistic)

@@ -282,7 +282,8 @@ class Engine:
                 st.calls = 0
         if budget > 0 and plan.decode:
             for j, d in enumerate(self.drafters):
-                grown = d.draft([s.drafts[j] for s in plan.decode], depths, [budget] * len(plan.decode))
+                grown = d.draft([s.drafts[j] for s in plan.decode], depths, [budget] * len(plan.decode),
+                                level_cost=self.auto.level_cost(budget) if self.auto else None)
                 for tree, g in zip(trees, grown):
                     tree.merge(g)
         t1 = time.perf_counter()

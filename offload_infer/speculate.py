@@ -145,10 +145,13 @@ class Drafter:
     def release(self, st: DraftState) -> None:
         self.pool.free(st.kv)
 
-    def draft(self, states: list[DraftState], max_depths: list[int], budgets: list[int]) -> list[TokenTree]:
+    def draft(self, states: list[DraftState], max_depths: list[int], budgets: list[int],
+              level_cost: float | None = None) -> list[TokenTree]:
         """Grow one tree per request from its last committed token (the end of its backlog), at most
         ``max_depths[i]`` deep and, growing best-first, of ``budgets[i]`` nodes; one SSM forward per round
-        for all requests still growing."""
+        for all requests still growing. ``level_cost``: a drafting round's time over the LLM pass's (auto
+        budget measures it); best-first growth then stops once another round would lower the expected
+        tokens per second."""
         trees: list[TokenTree | None] = [None] * len(states)
         active: dict[int, tuple[Growth, _Forward]] = {}
         for i, (st, depth, budget) in enumerate(zip(states, max_depths, budgets)):
@@ -159,7 +162,7 @@ class Drafter:
             if depth < 1 or budget < 1:
                 trees[i] = TokenTree.root(root)
                 continue
-            g = self._grow(st, depth, min(budget, self.cfg.budget))
+            g = self._grow(st, depth, min(budget, self.cfg.budget), level_cost)
             active[i] = (g, next(g))
         while active:
             order = list(active)
@@ -202,7 +205,7 @@ class Drafter:
             row += len(w)
         return out
 
-    def _grow(self, st: DraftState, max_depth: int, budget: int) -> Growth:
+    def _grow(self, st: DraftState, max_depth: int, budget: int, level_cost: float | None = None) -> Growth:
         start = st.kv.length
         k = self.cfg.expansion[0] if self.cfg.expansion else min(self.cfg.branch, budget)
         lps, toks = yield _Forward(st.backlog, list(range(start, start + len(st.backlog))), None, k, True)
@@ -210,7 +213,7 @@ class Drafter:
         st.backlog = []
         if self.cfg.expansion:
             return (yield from self._grow_by_widths(st, lps, toks, max_depth))
-        return (yield from self._grow_best_first(st, lps, toks, max_depth, budget))
+        return (yield from self._grow_best_first(st, lps, toks, max_depth, budget, level_cost))
 
     def _ask_nodes(self, st: DraftState, nodes: list[int], k: int) -> _Forward:
         """The forward of tree nodes whose ancestors the SSM has processed; records their pending slots."""
@@ -249,7 +252,7 @@ class Drafter:
         return tree
 
     def _grow_best_first(self, st: DraftState, root_lps: list[list[float]], root_toks: list[list[int]],
-                         max_depth: int, budget: int) -> Growth:
+                         max_depth: int, budget: int, level_cost: float | None = None) -> Growth:
         tree = st.tree
         k = min(self.cfg.branch, budget)
         score = [0.0]  # log of the estimated probability that the LLM accepts the path to each node
@@ -279,6 +282,8 @@ class Drafter:
         if len(top) == budget:
             cutoff[0] = score[top[-1]]
         limit = self.cfg.max_processed()
+        expected = 1 + sum(math.exp(score[i]) for i in top)  # tokens the pass yields, by the estimates
+        rounds = 1  # SSM forwards so far (the first read the backlog)
         while True:
             todo = [i for i in top if i not in expanded and tree.depths[i] < max_depth]
             if todo:  # the best candidates only: the rest wait for a later round, if they stay in the top
@@ -299,6 +304,14 @@ class Drafter:
             top = heapq.nsmallest(budget, top + list(range(new, len(tree))), key=rank)
             if len(top) == budget:
                 cutoff[0] = score[top[-1]]
+            rounds += 1
+            if level_cost is not None:
+                # tokens/s ~ expected / (1 + rounds x level_cost): another round pays while its gain (taken
+                # to be like this one's) is at least expected x level_cost / (1 + rounds x level_cost)
+                now = 1 + sum(math.exp(score[i]) for i in top)
+                gain, expected = now - expected, now
+                if gain < expected * level_cost / (1 + rounds * level_cost):
+                    break
         keep = sorted(top)
         out = TokenTree.root(tree.tokens[0])
         where = {0: 0}

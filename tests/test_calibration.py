@@ -115,3 +115,20 @@ def test_calibrated_trees_are_lossless(tiny_dirs):
         engine.step()
     assert engine.drafters[0].calibration.records > 1000
     assert_outputs_follow([tuple(engine.sequence(i).output) for i in ids], expected)
+
+
+def test_growth_weighs_a_level_against_the_cost_of_a_drafting_round(sharp):
+    """With the measured cost of a drafting round (as a fraction of the LLM pass), best-first growth stops
+    when another level would lower tokens per second: a chain the SSM is sure of goes on while a round costs
+    little, stops earlier as rounds cost more, and stops after one level when a round costs two passes."""
+    from offload_infer.speculate import Drafter
+
+    depths = {}
+    for cost in (None, 0.001, 0.2, 2.0):
+        d = Drafter(sharp, sharp.vocab_size, TreeConfig(budget=64), 64, 16)
+        st = d.admit(200, PROMPT)
+        tree = d.draft([st], [100], [64], level_cost=cost)[0]
+        depths[cost] = (max(tree.depths), st.calls)
+    assert depths[None] == depths[0.001] == (64, 65)  # the backlog's forward, then 64 levels
+    assert depths[2.0] == (2, 2)
+    assert 2 < depths[0.2][0] <= 64

@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="16,64,256", help="calibrated trees (now)")
     ap.add_argument("--before", default="16,64", help="trees as before: SSM probabilities, depth 16, every candidate")
     ap.add_argument("--auto", action="store_true")
+    ap.add_argument("--auto-max", type=int, default=None, help="auto's largest budget [default: the largest of --budgets]")
     ap.add_argument("--peer", action="store_true", help="transformers' assisted generation with the same pair")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--categories", default=",".join(CATEGORIES))
@@ -173,7 +174,7 @@ def main() -> None:
     configs |= {f"budget {b} (before)": TreeConfig(budget=int(b), calibrated=False, expand_ratio=0.0, max_depth=16)
                 for b in args.before.split(",") if b}
     if args.auto:
-        configs["auto"] = TreeConfig(budget=max(int(b) for b in args.budgets.split(",")), auto=True)
+        configs["auto"] = TreeConfig(budget=args.auto_max or max(int(b) for b in args.budgets.split(",")), auto=True)
     results = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
                "args": {k: v for k, v in vars(args).items() if k != "eos"}, "incremental": base, "trees": {}}
     print(f"{'config':<34} {'category':<15} {'tok/pass':>8} {'same':>6} {'tok/s':>7} {'time s':>7}", flush=True)
