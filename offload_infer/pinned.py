@@ -43,9 +43,9 @@ class PinnedRegion:
     """Keeps a host tensor's pages registered with CUDA for as long as this object lives; it holds the
     tensor, so the memory cannot be freed before it is unregistered."""
 
-    def __init__(self, tensor: Tensor, ptr: int) -> None:
+    def __init__(self, tensor: Tensor) -> None:
         self.tensor = tensor
-        self.ptr = ptr
+        self.ptr = tensor.data_ptr()
 
     def __del__(self) -> None:
         try:
@@ -67,7 +67,7 @@ def pinned_empty(nbytes: int) -> tuple[Tensor, PinnedRegion | None]:
     t = torch.frombuffer(pages, dtype=torch.uint8, count=nbytes)  # holds the mapping while it lives
     err = _register(t.data_ptr(), span)
     if err == 0:
-        return t, PinnedRegion(t, t.data_ptr())
+        return t, PinnedRegion(t)
     _clear_cuda_error()
     if not _warned:
         warnings.warn(f"pinning {nbytes / 2**20:.0f} MB of host memory failed (CUDA error {err}); streamed layers stay "

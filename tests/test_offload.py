@@ -267,12 +267,9 @@ def test_quant_state_round_trips_through_safetensors(tmp_path, codec):
 
 def _rss_anon() -> int:
     """Anonymous resident memory, after glibc hands back the heap it keeps for reuse."""
-    import ctypes
+    from weights.load import release_freed_memory
 
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    release_freed_memory()
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("RssAnon:"):

@@ -8,13 +8,10 @@ import threading
 
 def trim() -> None:
     """Collect garbage and have glibc hand freed heap back, so resident memory shows what is held."""
-    import ctypes
+    from weights.load import release_freed_memory
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    release_freed_memory()
 
 
 def _status() -> dict[str, int]:
