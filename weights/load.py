@@ -126,8 +126,7 @@ def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, s
         return {k: pool.submit(_read_one, source, mapping[prefix + k], shape, dtype, packed) for k, shape in names}
 
     workers = min(4, os.cpu_count() or 1)
-    # reading ahead holds a second layer in host memory: worth it where dequantizing is the slow part (GGUF)
-    look_ahead = isinstance(source, GGUFSource)
+    look_ahead = reads_ahead(source)
     with ThreadPoolExecutor(workers) as pool:
         ahead = read(0) if config.n_layers else {}
         bar = tqdm(range(config.n_layers), desc=desc, unit="layer", file=sys.stderr, leave=False,
@@ -149,6 +148,12 @@ def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, s
             if prepacked:
                 layer["__prepacked__"] = prepacked
             yield layer
+
+
+def reads_ahead(source: TensorSource) -> bool:
+    """Whether ``iter_layers`` reads the next layer while the caller handles this one: it holds a second
+    layer in host memory, worth it where dequantizing is the slow part (GGUF)."""
+    return isinstance(source, GGUFSource)
 
 
 def release_freed_memory() -> None:
@@ -221,7 +226,7 @@ def load_model(
     prepare = getattr(layer_builder, "prepare", None)
     if prepare is not None:  # plan (and check memory) before anything large is allocated
         prepare(config, device, dtype, packed["codec"] if packed else None, int(packed["block_size"]) if packed else None,
-                staged_layers=2 if isinstance(source, GGUFSource) else 1)  # iter_layers reads GGUF a layer ahead
+                staged_layers=2 if reads_ahead(source) else 1)
     tokenizer = load_tokenizer_for(resolved, source, cfg)  # checked before any weight is read
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{resolved.name}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
