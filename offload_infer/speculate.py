@@ -255,7 +255,7 @@ class Drafter:
                          max_depth: int, budget: int, level_cost: float | None = None) -> Growth:
         tree = st.tree
         k = min(self.cfg.branch, budget)
-        score = [0.0]  # log of the estimated probability that the LLM accepts the path to each node
+        score = tree.score  # log of the estimated probability that the LLM accepts the path to each node
         expanded: set[int] = set()
         cal = self.calibration if self.cfg.calibrated else None
         cutoff = [-math.inf]  # the worst kept node's score once `budget` nodes are kept
@@ -270,9 +270,7 @@ class Drafter:
             for s, t, q in sorted(scored, reverse=True):  # a node is expanded once: its top-k tokens are new
                 if s < cutoff[0]:
                     break  # below every kept node, and the kept set only gets better: it could never enter
-                tree.add(t, node, q)
-                score.append(s)
-            assert len(score) == len(tree)
+                tree.add(t, node, q, s)
 
         def rank(i: int) -> tuple[float, int, int]:
             return (-score[i], tree.depths[i], i)
