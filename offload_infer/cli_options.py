@@ -171,7 +171,7 @@ def build_engine(o: ModelOptions, n_requests: int):
     """Load the LLM and SSMs and build the engine, with a KV pool for ``n_requests`` requests of the
     maximum length unless --kv-cache-size says otherwise. Returns (engine, tokenizer). Raises ValueError
     for bad settings (before anything loads) and ValueError/OSError/RuntimeError for what loading finds."""
-    from offload_infer.engine import BLOCK_SIZE, Engine, ssm_pool_blocks
+    from offload_infer.engine import BLOCK_SIZE, Engine, request_slots, ssm_pool_blocks
     from offload_infer.memory import Footprint, check_footprint, kv_pool_bytes, resident_footprint
     from offload_infer.offload import OffloadBuilder, parse_size
     from offload_infer.speculate import shared_vocab_size
@@ -192,7 +192,8 @@ def build_engine(o: ModelOptions, n_requests: int):
     llm_config = read_config(resolved, o.llm_model)
     # the KV pool: --kv-cache-size, or room for as many full-length requests as run together
     kv_bytes = parse_size(o.kv_cache_size) if o.kv_cache_size else None
-    full = (o.max_sequence_length or min(2048, llm_config.max_position_embeddings)) + tree_cfg.max_nodes * len(o.ssm) + 1
+    max_len = o.max_sequence_length or min(2048, llm_config.max_position_embeddings)
+    full = request_slots(max_len, tree_cfg, len(o.ssm))
     kv_tokens = min(o.max_batch_size, n_requests) * -(-full // BLOCK_SIZE) * BLOCK_SIZE
     kv_cache_size = kv_bytes or kv_pool_bytes(llm_config, dtype, kv_tokens)
     llm_blocks = kv_cache_size // (kv_pool_bytes(llm_config, dtype, 1) * BLOCK_SIZE)
@@ -225,8 +226,7 @@ def build_engine(o: ModelOptions, n_requests: int):
         vocab = min(vocab, shared_vocab_size(tok.token_strings(), loaded.tokenizer.token_strings(),
                                              main.model.vocab_size, loaded.model.vocab_size, name))
         ssms.append(loaded.model)
-    context = main.model.config.max_position_embeddings
-    engine = Engine(main.model, ssms, tree_cfg, o.max_sequence_length or min(2048, context), tok.eos_ids,
+    engine = Engine(main.model, ssms, tree_cfg, max_len, tok.eos_ids,
                     min(vocab, main.model.vocab_size), ssm_static=False if o.enforce_eager else None,
                     max_batch_size=o.max_batch_size, max_batch_tokens=o.max_batch_tokens,
                     kv_cache_size=kv_cache_size, detokenize=tok.decode)

@@ -43,6 +43,12 @@ def _default_kv_cap(device: torch.device) -> int:
     return 4 << 30
 
 
+def request_slots(max_sequence_length: int, tree: TreeConfig, n_ssms: int) -> int:
+    """LLM KV slots of a request as long as allowed: its sequence, the most nodes one merged tree of
+    ``n_ssms`` SSMs speculates, and the bonus token."""
+    return max_sequence_length + tree.max_nodes * n_ssms + 1
+
+
 def ssm_pool_blocks(llm_blocks: int, full: int, tree: TreeConfig) -> int:
     """Blocks of an SSM's KV pool: as many requests of the largest size (``full`` LLM slots) as the LLM's
     pool of ``llm_blocks`` holds, each with room for the nodes a tree processes."""
@@ -103,7 +109,7 @@ class Engine:
         ssms = ssms or []
         self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
         self.spec_nodes = self.tree_cfg.max_nodes * len(ssms)  # most speculated nodes of one merged tree
-        full = max_sequence_length + self.spec_nodes + 1  # LLM slots of a request as long as allowed
+        full = request_slots(max_sequence_length, self.tree_cfg, len(ssms))
         if kv_cache_size is None:
             n_blocks = max_batch_size * -(-full // BLOCK_SIZE)
             cap = _default_kv_cap(llm.device) // (llm.slot_bytes() * BLOCK_SIZE)
