@@ -38,6 +38,9 @@ Q4 = typer.Option(False, "--4bit-quantization", help="Stream int4 (NF4) weights.
 Q8 = typer.Option(False, "--8bit-quantization", help="Stream int8 weights.", rich_help_panel="Offload and compression")
 CODEC = typer.Option(None, "--quant-codec", "--codec", help="Codec: nf4, fp4, int8-row, int8-block (overrides the "
                      "4/8-bit flags).", rich_help_panel="Offload and compression")
+REQUANTIZE = typer.Option(None, "--requantize", metavar="nf4|int8", help="Dequantize a quantized checkpoint's "
+                          "matrices (GGUF, AWQ, GPTQ, bitsandbytes) at load and compress them again with this codec, "
+                          "instead of streaming them as stored.", rich_help_panel="Offload and compression")
 BLOCK = typer.Option(64, "--quant-block-size", "--block-size", min=1, help="Elements per scale for block codecs.", rich_help_panel="Offload and compression")
 RING = typer.Option(2, min=1, help="Device buffers streamed layers rotate through.", rich_help_panel="Offload and compression")
 MAX_BATCH_SIZE = typer.Option(8, min=1, help="Most requests served together (one LLM pass per step for all).", rich_help_panel="Batching")
@@ -54,6 +57,9 @@ REPETITION_PENALTY = typer.Option(1.0, min=0.0, help="Above 1 discourages tokens
 SEED = typer.Option(None, min=0, help="Seed of each request's sampling (reproducible draws).",
                     rich_help_panel=SAMPLING)
 EAGER = typer.Option(False, help="Run the SSMs eagerly instead of replaying CUDA graphs.", rich_help_panel="Speculation")
+
+
+REQUANTIZE_CODECS = {"nf4": "nf4", "int8": "int8-row"}
 
 
 @dataclass
@@ -77,6 +83,7 @@ class ModelOptions:
     quant_8bit: bool = False
     quant_codec: Optional[str] = None
     quant_block_size: int = 64
+    requantize: Optional[str] = None
     offload_ring_slots: int = 2
     max_batch_size: int = 8
     max_batch_tokens: int = 2048
@@ -93,7 +100,7 @@ _OPTIONS = {
     "max_sequence_length": (Optional[int], MAX_SEQUENCE_LENGTH), "use_full_precision": (bool, FULL_PRECISION),
     "device": (str, DEVICE), "offload": (bool, OFFLOAD), "offload_reserve_space_size": (str, RESERVE),
     "quant_4bit": (bool, Q4), "quant_8bit": (bool, Q8), "quant_codec": (Optional[str], CODEC),
-    "quant_block_size": (int, BLOCK), "offload_ring_slots": (int, RING), "max_batch_size": (int, MAX_BATCH_SIZE),
+    "quant_block_size": (int, BLOCK), "requantize": (Optional[str], REQUANTIZE), "offload_ring_slots": (int, RING), "max_batch_size": (int, MAX_BATCH_SIZE),
     "max_batch_tokens": (int, MAX_BATCH_TOKENS), "kv_cache_size": (Optional[str], KV_CACHE_SIZE),
     "enforce_eager": (bool, EAGER),
 }
@@ -184,6 +191,12 @@ def build_engine(o: ModelOptions, n_requests: int):
     if o.quant_4bit and o.quant_8bit:
         raise ValueError("choose one of --4bit-quantization and --8bit-quantization")
     codec = o.quant_codec or ("nf4" if o.quant_4bit else "int8-row" if o.quant_8bit else None)
+    if o.requantize is not None:
+        if o.requantize not in REQUANTIZE_CODECS:
+            raise ValueError(f"--requantize: choose one of {', '.join(REQUANTIZE_CODECS)}, got {o.requantize!r}")
+        if codec and codec != REQUANTIZE_CODECS[o.requantize]:
+            raise ValueError(f"--requantize {o.requantize} and --quant-codec {codec} disagree: give one")
+        codec = REQUANTIZE_CODECS[o.requantize]
     if codec and not o.offload:
         raise ValueError("weight compression applies to streamed weights: add --offload")
     resolved = resolve(o.llm if o.llm_weight is None else None, str(o.llm_weight) if o.llm_weight else None,
@@ -206,7 +219,7 @@ def build_engine(o: ModelOptions, n_requests: int):
     if o.offload:
         builder = OffloadBuilder(parse_size(o.offload_reserve_space_size), codec, o.quant_block_size,
                                  o.offload_ring_slots, kv_bytes=kv_pool_bytes(llm_config, dtype, llm_kv_slots),
-                                 others=others)
+                                 others=others, requantize=o.requantize is not None)
     else:
         builder = resident_layers
         fp = resident_footprint("LLM", llm_config, dtype, dev, llm_kv_slots)

@@ -23,7 +23,8 @@ from offload_infer.memory import (Footprint, OffloadPlanError, check_footprint, 
                                   kv_pool_bytes, layer_source_bytes)
 from offload_infer.models.base import FamilyConfig, dense_layer
 from offload_infer.pinned import PinnedRegion, caching_pinned_empty, pinned_empty
-from quant.codecs import QuantState, dequantize, load_backend, packed_nbytes, quantize
+from quant.codecs import load_backend, packed_nbytes, quantize
+from quant.formats import Format, Stored, codec_stored
 
 ALIGN = 64  # byte alignment of every tensor inside a layer buffer (keeps dtype views legal and copies fast)
 
@@ -54,13 +55,17 @@ def _is_compressed(shape: tuple[int, ...], codec: str | None) -> bool:
     return codec is not None and len(shape) == 2
 
 
-def layer_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, codec: str | None, block_size: int) -> int:
-    """Bytes of one layer's packed buffer."""
+def layer_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, codec: str | None, block_size: int,
+                stored: dict[str, list[int]] | None = None) -> int:
+    """Bytes of one layer's packed buffer. ``stored``: the piece sizes of matrices the checkpoint keeps
+    compressed (they go into the buffer as they are)."""
     size = torch.tensor([], dtype=dtype).element_size()
     total = 0
-    for shape in shapes.values():
+    for name, shape in shapes.items():
         numel = math.prod(shape)
-        if _is_compressed(shape, codec):
+        if stored and name in stored:
+            total += sum(_align(n) for n in stored[name])
+        elif _is_compressed(shape, codec):
             packed, scales = packed_nbytes(numel, codec, block_size, shape[0])  # type: ignore[arg-type]
             total += _align(packed) + _align(scales)
         else:
@@ -77,9 +82,14 @@ class OffloadPlan:
     streamed_layers: tuple[int, ...]  # decoder layers that stream from host memory every pass
     ring_slots: int  # device buffers the streamed layers rotate through
     dense_layer_bytes: int  # one decoder layer at the compute dtype
-    packed_layer_bytes: int  # one decoder layer's host buffer (compressed when codec is set)
+    packed_layer_bytes: int  # the largest decoder layer's host buffer (compressed when codec is set)
     global_bytes: int  # embeddings, final norm, lm_head: always on the device
     reserve_bytes: int  # the user's cap on device memory for the LLM's weights
+    layer_packed: tuple[int, ...] = ()  # each layer's host buffer, where layers differ (a checkpoint's own formats)
+    as_stored: bool = False  # some matrices stream in the checkpoint's own quantized format
+
+    def packed_bytes_of(self, i: int) -> int:
+        return self.layer_packed[i] if self.layer_packed else self.packed_layer_bytes
 
     @property
     def resident_layer_bytes(self) -> int:
@@ -92,27 +102,36 @@ class OffloadPlan:
 
     @property
     def pinned_bytes(self) -> int:
-        return len(self.streamed_layers) * self.packed_layer_bytes
+        return sum(self.packed_bytes_of(i) for i in self.streamed_layers)
+
+    def _formats(self) -> str:
+        if self.as_stored:
+            return "quantized matrices as stored" + (f", others {self.codec}" if self.codec else "")
+        return f"codec {self.codec or 'none'}"
 
     def describe(self) -> str:
         gb = 1e9
         kind = " (compressed)" if self.resident_compressed and self.resident_layers else ""
         return (f"offload plan: {len(self.resident_layers)} resident{kind} / {len(self.streamed_layers)} streamed layers, "
-                f"codec {self.codec or 'none'}, {self.ring_slots} ring slots; device {self.gpu_bytes / gb:.2f} GB "
+                f"{self._formats()}, {self.ring_slots} ring slots; device {self.gpu_bytes / gb:.2f} GB "
                 f"(reserve {self.reserve_bytes / gb:.2f} GB), pinned host {self.pinned_bytes / gb:.2f} GB")
 
 
 def make_plan(config: FamilyConfig, dtype: torch.dtype, reserve_bytes: int, codec: str | None = None,
-              block_size: int = 64, ring_slots: int = 2, resident_compressed: bool = True) -> OffloadPlan:
+              block_size: int = 64, ring_slots: int = 2, resident_compressed: bool = True,
+              stored: list[dict[str, list[int]]] | None = None) -> OffloadPlan:
     """Which layers stay on the device and which stream. With a codec, resident layers stay compressed
-    by default (2-4x more of them fit; decompressing costs far less than copying)."""
+    by default (2-4x more of them fit; decompressing costs far less than copying). ``stored``: per layer,
+    the piece sizes of the matrices the checkpoint keeps compressed (GGUF blocks, AWQ, ...): they
+    stream as stored, and resident layers keep them compressed too."""
     size = torch.tensor([], dtype=dtype).element_size()
     shapes = config.layer_shapes()
     dense = sum(math.prod(s) for s in shapes.values()) * size
-    packed = layer_bytes(shapes, dtype, codec, block_size)
+    sizes = tuple(layer_bytes(shapes, dtype, codec, block_size, st) for st in stored) if stored else ()
+    packed = max(sizes) if sizes else layer_bytes(shapes, dtype, codec, block_size)
     glob = sum(math.prod(s) for s in config.global_shapes().values()) * size
     n = config.n_layers
-    compressed = resident_compressed and codec is not None
+    compressed = resident_compressed and (codec is not None or any(stored or ()))
     per_resident = packed if compressed else dense
     if reserve_bytes >= glob + n * per_resident:
         resident = n
@@ -128,7 +147,8 @@ def make_plan(config: FamilyConfig, dtype: torch.dtype, reserve_bytes: int, code
     # spread resident layers between streamed ones: their compute then runs while the next copy is in flight
     keep = {int((j + 0.5) * n / resident) for j in range(resident)} if resident else set()
     return OffloadPlan(codec, block_size, tuple(sorted(keep)), compressed,
-                       tuple(i for i in range(n) if i not in keep), ring_slots, dense, packed, glob, reserve_bytes)
+                       tuple(i for i in range(n) if i not in keep), ring_slots, dense, packed, glob, reserve_bytes,
+                       sizes if len(set(sizes)) > 1 else (), any(stored or ()))
 
 
 def plan_footprint(plan: OffloadPlan, device: torch.device, kv_bytes: int, activation_bytes: int = 256 * 2**20,
@@ -157,16 +177,23 @@ def check_plan(plan: OffloadPlan, device: torch.device, kv_bytes: int, activatio
 
 
 # -- packed layers ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    key: str  # the format's name for it ("" for a raw tensor)
+    offset: int  # in the layer buffer
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def view(self, buf: Tensor) -> Tensor:
+        return buf[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
 @dataclass
 class Entry:
     name: str
-    offset: int
-    nbytes: int
-    dtype: torch.dtype  # raw entries: the tensor's dtype; compressed: uint8
-    shape: tuple[int, ...]
-    state: QuantState | None = None  # compressed entries: codec state (scales read from the buffer)
-    scales_offset: int = 0
-    scales_nbytes: int = 0
+    pieces: list[Piece]
+    fmt: Format | None = None  # compressed entries: turns the pieces into the weight; None: one raw tensor
 
 
 @dataclass
@@ -191,51 +218,44 @@ def _bytes(t: Tensor) -> Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
-def pack_layer(weights: dict[str, Tensor], codec: str | None, block_size: int, quant_device: torch.device,
-               pin: bool = True, prepacked: dict[str, tuple[Tensor, QuantState]] | None = None,
-               allocator: str = "registered", device: torch.device | None = None) -> PackedLayer:
-    """One buffer holding every tensor of a layer (on the host, or on ``device`` for a resident layer);
-    2-D weights compressed when ``codec`` is set. ``prepacked`` gives weights already compressed (from a
-    compressed checkpoint). Each piece is copied straight into the buffer from wherever it was made (no
-    second host copy on the way)."""
-    parts: list[tuple[Entry, Tensor, Tensor | None]] = []
+def pack_layer(weights: dict[str, Tensor | Stored], codec: str | None, block_size: int, quant_device: torch.device,
+               pin: bool = True, allocator: str = "registered", device: torch.device | None = None) -> PackedLayer:
+    """One buffer holding every tensor of a layer (on the host, or on ``device`` for a resident layer).
+    Matrices the checkpoint keeps compressed (``Stored``) go in as they are; other 2-D weights are
+    compressed when ``codec`` is set. Each piece is copied straight into the buffer from wherever it was
+    made (no second host copy on the way)."""
+    entries: list[Entry] = []
+    sources: list[Tensor] = []
     offset = 0
-    for name, t in {**weights, **(prepacked or {})}.items():
-        if prepacked and name in prepacked:
-            packed, state = prepacked[name]
-        elif _is_compressed(tuple(t.shape), codec):
-            packed, state = quantize(t.to(quant_device), codec, block_size)  # type: ignore[arg-type]
-        else:
-            raw = _bytes(t)
-            parts.append((Entry(name, offset, raw.numel(), t.dtype, tuple(t.shape)), raw, None))
+    for name, t in weights.items():
+        if isinstance(t, Tensor) and _is_compressed(tuple(t.shape), codec):
+            t = codec_stored(*quantize(t.to(quant_device), codec, block_size))  # type: ignore[arg-type]
+        parts = t.pieces if isinstance(t, Stored) else {"": t}
+        pieces = []
+        for key, p in parts.items():
+            raw = _bytes(p)
+            pieces.append(Piece(key, offset, raw.numel(), p.dtype, tuple(p.shape)))
+            sources.append(raw)
             offset += _align(raw.numel())
-            continue
-        p, s = _bytes(packed), _bytes(state.scales.float())
-        e = Entry(name, offset, p.numel(), torch.uint8, tuple(packed.shape), state.with_scales(torch.empty(0)),
-                  offset + _align(p.numel()), s.numel())
-        parts.append((e, p, s))
-        offset += _align(p.numel()) + _align(s.numel())
+        entries.append(Entry(name, pieces, t.fmt if isinstance(t, Stored) else None))
     if device is not None and device.type != "cpu":
         buf, region = torch.empty(max(offset, ALIGN), dtype=torch.uint8, device=device), None
     else:
         buf, region = host_buffer(max(offset, ALIGN), pin, allocator)
-    for e, p, s in parts:
-        buf[e.offset : e.offset + e.nbytes].copy_(p)
-        if s is not None:
-            buf[e.scales_offset : e.scales_offset + e.scales_nbytes].copy_(s)
-    return PackedLayer(buf, [e for e, _, _ in parts], region)
+    pieces = [p for e in entries for p in e.pieces]
+    for piece, raw in zip(pieces, sources):
+        buf[piece.offset : piece.offset + piece.nbytes].copy_(raw)
+    return PackedLayer(buf, entries, region)
 
 
 def unpack_layer(buf: Tensor, layer: PackedLayer, dtype: torch.dtype) -> dict[str, Tensor]:
     """Dense weights from a layer buffer (host or device); compressed ones are decompressed where ``buf`` is."""
     out = {}
     for e in layer.entries:
-        data = buf[e.offset : e.offset + e.nbytes]
-        if e.state is None:
-            out[e.name] = data.view(e.dtype).view(e.shape)
+        if e.fmt is None:
+            out[e.name] = e.pieces[0].view(buf)
         else:
-            scales = buf[e.scales_offset : e.scales_offset + e.scales_nbytes].view(torch.float32)
-            out[e.name] = dequantize(data, e.state.with_scales(scales), dtype)
+            out[e.name] = e.fmt.dequantize({p.key: p.view(buf) for p in e.pieces}, dtype)
     return out
 
 
@@ -308,7 +328,9 @@ class OffloadBuilder:
 
     def __init__(self, reserve_bytes: int, codec: str | None = None, block_size: int = 64, ring_slots: int = 2,
                  kv_bytes: int = 0, pin: bool = True, verbose: bool = True, resident_compressed: bool = True,
-                 kv_tokens: int = 0, pin_allocator: str = "registered", others: Footprint | None = None) -> None:
+                 kv_tokens: int = 0, pin_allocator: str = "registered", others: Footprint | None = None,
+                 requantize: bool = False) -> None:
+        self.requantize = requantize  # a quantized checkpoint's matrices: dequantized and compressed with codec
         self.others = others  # what else the run allocates (SSMs, their KV pools), counted in the pre-flight
         self.pin_allocator = pin_allocator  # "registered" (exact size) or "caching" (PyTorch's; benchmarks)
         self.reserve_bytes, self.codec, self.block_size = reserve_bytes, codec, block_size
@@ -318,17 +340,20 @@ class OffloadBuilder:
         self.plan: OffloadPlan | None = None
         self.footprint: Footprint | None = None  # what the pre-flight counted
 
-    def prepare(self, config: FamilyConfig, device: torch.device, dtype: torch.dtype, stored_codec: str | None = None,
-                stored_block_size: int | None = None, staged_layers: int = 1) -> OffloadPlan:
-        """Plan and check memory; a compressed checkpoint's codec is used as stored (never recompressed).
-        ``staged_layers``: layers the loader holds on the host at once (2 when it reads ahead)."""
-        if stored_codec is not None:
-            if self.codec not in (None, stored_codec) or (self.codec and self.block_size != stored_block_size):
-                raise OffloadPlanError(f"the checkpoint is compressed with {stored_codec} (block {stored_block_size}); "
-                                       f"it cannot be streamed as {self.codec} (block {self.block_size})")
-            self.codec, self.block_size = stored_codec, stored_block_size or self.block_size
+    def prepare(self, config: FamilyConfig, device: torch.device, dtype: torch.dtype,
+                stored: list[dict[str, list[int]]] | None = None, staged_layers: int = 1) -> OffloadPlan:
+        """Plan and check memory. ``stored``: per layer, the piece sizes of the matrices the checkpoint
+        keeps compressed (they stream as stored; the codec applies to the others). ``staged_layers``:
+        layers the loader holds on the host at once (2 when it reads ahead)."""
+        if self.requantize:
+            if not self.codec:
+                raise OffloadPlanError("requantizing needs a codec (nf4 or int8)")
+            stored = None
+        elif stored and any(stored) and self.codec and self.verbose:
+            print(f"note: the checkpoint's quantized matrices stream as stored; {self.codec} applies to its other "
+                  "matrices (--requantize nf4|int8 converts them)", file=sys.stderr)
         self.plan = make_plan(config, dtype, self.reserve_bytes, self.codec, self.block_size, self.ring_slots,
-                              self.resident_compressed)
+                              self.resident_compressed, stored)
         kv = self.kv_bytes + kv_pool_bytes(config, dtype, self.kv_tokens)
         # the layers being read, and on the CPU the compressed copy made before it goes into its buffer
         staging = staged_layers * layer_source_bytes(config, dtype)
@@ -348,12 +373,12 @@ class OffloadBuilder:
         packed: dict[int, PackedLayer] = {}
         qdev = device if device.type == "cuda" else torch.device("cpu")
         for i, w in enumerate(layers):
+            if self.requantize:
+                w = {k: t.dense(dtype, qdev) if isinstance(t, Stored) else t for k, t in w.items()}
             if i in plan.resident_layers and not plan.resident_compressed:
                 resident[i] = dense_layer(w, device, dtype)
-                continue
-            prepacked = w.pop("__prepacked__", None)
-            if i in plan.resident_layers:
-                resident[i] = pack_layer(w, plan.codec, plan.block_size, qdev, False, prepacked, device=device)
+            elif i in plan.resident_layers:
+                resident[i] = pack_layer(w, plan.codec, plan.block_size, qdev, False, device=device)
             else:
-                packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, prepacked, self.pin_allocator)
+                packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, self.pin_allocator)
         return StreamedLayers(config.n_layers, resident, packed, device, dtype, plan.ring_slots)

@@ -189,11 +189,17 @@ def test_compressed_checkpoint_gives_same_tokens_as_compressing_at_load(llama_di
     from weights.tokenizer import load_tokenizer
 
     assert load_tokenizer(out).encode("The quick fox") == load_tokenizer(src).encode("The quick fox")
-    # refuses to overwrite, and to stream with another codec
+    # refuses to overwrite; asked for another codec, it streams its own nf4 bytes all the same (never
+    # recompressing the error twice) unless told to requantize
     r = CliRunner().invoke(app, ["compress", str(src), "--out", str(out)])
     assert r.exit_code != 0 and "--force" in r.output
-    with pytest.raises(OffloadPlanError, match="compressed with nf4"):
-        _load(out, _streamed_builder(src, "int8-row"))
+    as_stored = _load(out, _streamed_builder(src, "int8-row"))
+    assert _gen(as_stored) == at_load
+    assert {e.fmt.describe() for p in as_stored.weights.layers.packed.values() for e in p.entries if e.fmt} == {"nf4"}
+    builder = _streamed_builder(src, "int8-row")
+    builder.requantize = True
+    again = _load(out, builder)
+    assert {e.fmt.describe() for p in again.weights.layers.packed.values() for e in p.entries if e.fmt} == {"int8-row"}
 
 
 def test_compressed_format_version_mismatch_is_clear(llama_dir, tmp_path):

@@ -88,7 +88,10 @@ def time_pass(model, n_tokens: int, runs: int, prefix: int = 64) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-7b,llama-13b")
-    ap.add_argument("--precisions", default="fp16,int8,int4")
+    ap.add_argument("--precisions", default="fp16,int8,int4", help="fp16, int8, int4 (NF4), and as stored by a "
+                    "checkpoint: q4_k_m (GGUF blocks), awq (int4 group 128)")
+    ap.add_argument("--dequant", default="compiled", help="stored formats' GPU dequantization: compiled (Triton "
+                    "kernels from torch.compile), eager, or both")
     ap.add_argument("--trees", default="1,16,64,256,1024")
     ap.add_argument("--reserve", default="4G")
     ap.add_argument("--ring", type=int, default=2)
@@ -119,10 +122,14 @@ def main() -> None:
             f"{k} {v / 1e9:.2f} ({v / plan.pinned_bytes:.3f}x)" for k, v in mem.items()), flush=True)
         rows.append(dict(shape=shape, precision=precision, pin=pin, pinned_bytes=plan.pinned_bytes, build_s=build_s,
                          **{f"{k}_grown": v for k, v in mem.items()}))
-        print(f"{'tokens':>7} {'pass ms':>9} {'GB streamed':>12} {'eff GB/s':>9} {'vs floor':>9}", flush=True)
-        for t in (int(x) for x in args.trees.split(",")):
+        modes = args.dequant.split(",") if args.dequant != "both" else ["compiled", "eager"]
+        for mode, t in ((m, int(x)) for m in modes for x in args.trees.split(",")):
+            os.environ["OFFLOAD_INFER_EAGER_DEQUANT"] = "1" if mode == "eager" else ""
+            if t == int(args.trees.split(",")[0]):
+                print(f"dequantization: {mode}", flush=True)
+                print(f"{'tokens':>7} {'pass ms':>9} {'GB streamed':>12} {'eff GB/s':>9} {'vs floor':>9}", flush=True)
             s = time_pass(model, t, args.runs)
-            row = dict(shape=shape, precision=precision, pin=pin, tokens=t, pass_s=s, bytes=per_pass,
+            row = dict(shape=shape, precision=precision, pin=pin, dequant=mode, tokens=t, pass_s=s, bytes=per_pass,
                        eff_bw=per_pass / s, h2d_bw=bw, ratio_to_floor=s / (per_pass / bw) if per_pass else None,
                        resident_layers=len(plan.resident_layers), streamed_layers=len(plan.streamed_layers))
             rows.append(row)

@@ -1,7 +1,9 @@
 """Models with random weights at real shapes, for the benchmarks: one place that builds them.
 
 - ``build``: an offloaded (streamed) model at a shape and precision, packed layer by layer into pinned
-  buffers straight from random (or given) weights;
+  buffers straight from random (or given) weights; precisions fp16, int8, int4 (NF4) and, as a
+  checkpoint would store them, q4_k_m (GGUF Q4_K/Q6_K blocks laid out like llama.cpp's Q4_K_M) and awq
+  (AutoAWQ int4, group 128);
 - ``random_resident``: a resident model (an SSM) at a shape;
 - ``agreeing_pair``: an LLM and an SSM that agree by construction (the SSM is the LLM's embeddings, first
   layers and head; the LLM's later layers barely move the residual stream), streamed or resident.
@@ -45,6 +47,56 @@ def random_layers(config, dtype, device: str = "cuda"):
         yield draw(config.layer_shapes(), device, dtype)
 
 
+STORED = ("q4_k_m", "awq")  # precisions whose matrices are random blocks of a checkpoint's own format
+_GGUF_BLOCK = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,))}  # bytes per 256 weights, offsets of fp16 scales
+
+
+def q4_k_m_type(name: str, layer: int, n_layers: int) -> str:
+    """The block type llama.cpp's Q4_K_M gives a layer matrix: Q6_K for attn_v and ffn_down in the first
+    and last eighth of the layers and every third one between, Q4_K elsewhere."""
+    more = layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+    return "Q6_K" if more and name in ("self_attn.v_proj.weight", "mlp.down_proj.weight") else "Q4_K"
+
+
+def random_stored(name: str, shape: tuple[int, int], precision: str, layer: int, n_layers: int, device: str):
+    """A random matrix in a checkpoint's own format (valid blocks: finite, small scales) at ``shape``."""
+    from quant.formats import AWQFormat, GGUFFormat, Stored
+
+    out, n_in = shape
+    if precision == "q4_k_m":
+        kind = q4_k_m_type(name, layer, n_layers)
+        nbytes, f16 = _GGUF_BLOCK[kind]
+        b = torch.randint(0, 256, (out * n_in // 256, nbytes), dtype=torch.uint8, device=device)
+        for off in f16:
+            b[:, off : off + 2] = (torch.rand(len(b), 1, device=device) * 1e-3 + 1e-4).half().view(torch.uint8)
+        return Stored(GGUFFormat(kind, nbytes, shape), {"blocks": b.reshape(out, -1)})
+    group = 128
+    ints = lambda *s: torch.randint(-2**31, 2**31 - 1, s, dtype=torch.int32, device=device)  # noqa: E731
+    scales = (torch.rand(n_in // group, out, device=device) * 1e-3 + 1e-4).half()
+    return Stored(AWQFormat(group, shape), {"qweight": ints(n_in, out // 8), "qzeros": ints(n_in // group, out // 8),
+                                            "scales": scales})
+
+
+def stored_sizes(config, precision: str) -> list[dict[str, list[int]]]:
+    """Per layer, the piece sizes of ``random_stored``'s matrices (what the plan needs before building)."""
+    out = []
+    for i in range(config.n_layers):
+        sizes = {}
+        for k, (rows, cols) in ((k, s) for k, s in config.layer_shapes().items() if len(s) == 2):
+            if precision == "q4_k_m":
+                sizes[k] = [rows * cols // 256 * _GGUF_BLOCK[q4_k_m_type(k, i, config.n_layers)][0]]
+            else:
+                sizes[k] = [cols * rows // 8 * 4, cols // 128 * rows // 8 * 4, cols // 128 * rows * 2]
+        out.append(sizes)
+    return out
+
+
+def random_stored_layers(config, precision: str, dtype, device: str = "cuda"):
+    for i in range(config.n_layers):
+        yield {k: random_stored(k, s, precision, i, config.n_layers, device) if len(s) == 2
+               else torch.ones(s, device=device, dtype=dtype) for k, s in config.layer_shapes().items()}
+
+
 def build(shape: str | dict, precision: str, reserve: int, ring: int = 2, resident_compressed: bool = True,
           layers=None, globals_=None, dtype: torch.dtype = torch.float16, device: str = "cuda",
           pin_allocator: str = "registered"):
@@ -55,12 +107,15 @@ def build(shape: str | dict, precision: str, reserve: int, ring: int = 2, reside
 
     dev = torch.device(device)
     config = config_from_dict(SHAPES[shape] if isinstance(shape, str) else shape)
-    builder = OffloadBuilder(reserve, CODEC[precision], 64, ring, kv_bytes=2 << 30,
+    stored = precision in STORED
+    builder = OffloadBuilder(reserve, None if stored else CODEC[precision], 64, ring, kv_bytes=2 << 30,
                              resident_compressed=resident_compressed, pin_allocator=pin_allocator)
-    plan = builder.prepare(config, dev, dtype)
+    plan = builder.prepare(config, dev, dtype, stored_sizes(config, precision) if stored else None)
     glob = globals_ or {k: torch.randn(s, device=dev, dtype=dtype) * 0.02 for k, s in config.global_shapes().items()}
     t0 = time.perf_counter()
-    layers = builder(config, layers or random_layers(config, dtype, device), dev, dtype)
+    if layers is None:
+        layers = random_stored_layers(config, precision, dtype, device) if stored else random_layers(config, dtype, device)
+    layers = builder(config, layers, dev, dtype)
     build_s = time.perf_counter() - t0
     return CausalLM(config, ModelWeights(glob, layers), dev, dtype), plan, build_s
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from offload_infer.models import config_from_dict
 from quant.codecs import packed_nbytes, quantize
+from quant.formats import Stored
 from weights.resolve import ResolvedModel
 from weights.sources import CheckpointError
 
@@ -96,11 +97,14 @@ def _compress_into(out: Path, resolved: ResolvedModel, codec: str, block_size: i
                    device: torch.device | None, model_type: str | None, progress: bool) -> None:
     from weights.load import iter_layers, load_tokenizer_for, open_source, plan_names
 
+    from weights.quantized import PackedScheme, scheme_for
+
     source, cfg = open_source(resolved)
-    if compression_of(source):
+    scheme = scheme_for(source, cfg, compression_of(source), resolved.name)
+    if isinstance(scheme, PackedScheme):
         raise CheckpointError(f"{resolved.name} is already compressed")
     config = config_from_dict(cfg, model_type)
-    mapping = plan_names(config, source)
+    mapping = plan_names(config, source, scheme)
     need = compressed_size(config, codec, block_size, dtype)
     free = shutil.disk_usage(out).free
     if free < need * 1.05:
@@ -118,11 +122,13 @@ def _compress_into(out: Path, resolved: ResolvedModel, codec: str, block_size: i
         weight_map.update({k: name for k in tensors})
 
     write({n: source.load(mapping[n]).to(dtype).contiguous() for n in config.global_shapes()}, "model-globals.safetensors")
-    layers = iter_layers(config, source, mapping, dtype, progress, f"compressing to {codec}")
+    layers = iter_layers(config, source, mapping, dtype, progress, f"compressing to {codec}", scheme)
     for i, layer in enumerate(layers):
         prefix = config.layer_prefix(i)
         tensors = {}
         for k, w in layer.items():
+            if isinstance(w, Stored):  # a quantized checkpoint's matrix: dequantized, then compressed again
+                w = w.dense(dtype, device)
             if w.ndim == 2:
                 packed, state = quantize(w.to(device), codec, block_size)
                 tensors[prefix + k + ".qdata"] = packed.cpu()

@@ -21,8 +21,9 @@ from torch import Tensor
 
 from offload_infer.models import CausalLM, FamilyConfig, ModelWeights, ResidentLayers, config_from_dict
 from offload_infer.models.base import LayerSource, dense_layer
-from quant.codecs import QuantState, packed_nbytes
+from quant.formats import Stored
 from weights.compress import compression_of
+from weights.quantized import Scheme, scheme_for
 from weights.resolve import ResolvedModel
 from weights.sources import CheckpointError, GGUFSource, SafetensorsSource, TensorSource, TorchBinSource, gguf_config
 from weights.tokenizer import Tokenizer, has_tokenizer, load_tokenizer, tokenizer_error, tokenizer_from_gguf
@@ -65,29 +66,27 @@ def read_config(resolved: ResolvedModel, model_type: str | None = None) -> Famil
     return config_from_dict(open_source(resolved)[1], model_type)
 
 
-def plan_names(config: FamilyConfig, source: TensorSource, packed: dict[str, str] | None = None) -> dict[str, str]:
+def plan_names(config: FamilyConfig, source: TensorSource, scheme: Scheme | None = None) -> dict[str, str]:
     """canonical name -> source name, after checking that every tensor is there with the right shape.
 
-    In a compressed checkpoint (``packed`` holds its metadata) a layer matrix ``W`` is ``W.qdata`` +
-    ``W.scales``; the canonical name then maps to ``W.qdata``.
+    With a ``scheme`` (a checkpoint that keeps its matrices quantized: GGUF blocks, AWQ, GPTQ, ...), a
+    matrix the scheme covers maps to the name the scheme reads it under, after the scheme checks its pieces.
     """
     available = source.keys()
     expected = dict(config.global_shapes())
     for i in range(config.n_layers):
         expected |= {config.layer_prefix(i) + k: s for k, s in config.layer_shapes().items()}
     mapping, missing = {}, []
+    used: set[str] = set()
     for name, shape in expected.items():
-        found = next((n for n in (name, *config.aliases(name)) if n in available), None)
-        if found is None and packed is not None and len(shape) == 2 and name + ".qdata" in available:
-            numel = math.prod(shape)
-            qbytes, sbytes = packed_nbytes(numel, packed["codec"], int(packed["block_size"]), shape[0])
-            for part, nbytes in ((".qdata", qbytes), (".scales", sbytes)):
-                have = math.prod(source.shape(name + part)) * (1 if part == ".qdata" else 4)
-                if name + part not in available or have != nbytes:
-                    raise CheckpointError(f"{source.where(name + '.qdata')}: packed tensor {name + part!r} has "
-                                          f"{have} bytes, {packed['codec']} of shape {shape} needs {nbytes}")
-            mapping[name] = name + ".qdata"
+        candidates = (name, *config.aliases(name))
+        stored = next((n for n in candidates if scheme is not None and len(shape) == 2 and scheme.covers(n)), None)
+        if stored is not None:
+            scheme.check(stored, shape)  # type: ignore[union-attr]
+            used |= set(scheme.piece_names(stored))  # type: ignore[union-attr]
+            mapping[name] = stored
             continue
+        found = next((n for n in candidates if n in available), None)
         if found is None:
             missing.append(name)
             continue
@@ -99,7 +98,7 @@ def plan_names(config: FamilyConfig, source: TensorSource, packed: dict[str, str
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing[:5])}{more}")
-    used = set(mapping.values()) | {v[: -len(".qdata")] + ".scales" for v in mapping.values() if v.endswith(".qdata")}
+    used |= set(mapping.values())
     tied_head = {"lm_head.weight", "decoder.lm_head.weight"} if config.tie_word_embeddings else set()
     unexpected = sorted(n for n in available - used - tied_head if not _IGNORED.match(n))
     if unexpected:
@@ -111,19 +110,29 @@ def plan_names(config: FamilyConfig, source: TensorSource, packed: dict[str, str
     return mapping
 
 
+def stored_sizes(config: FamilyConfig, mapping: dict[str, str], scheme: Scheme | None) -> list[dict[str, list[int]]]:
+    """Per layer, the piece sizes of the matrices kept as stored (empty dicts: none are)."""
+    out = []
+    for i in range(config.n_layers):
+        prefix = config.layer_prefix(i)
+        out.append({k: scheme.piece_nbytes(mapping[prefix + k]) for k, shape in config.layer_shapes().items()
+                    if scheme is not None and len(shape) == 2 and scheme.covers(mapping[prefix + k])})
+    return out
+
+
 def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, str], dtype: torch.dtype,
-                progress: bool, desc: str, packed: dict[str, str] | None = None) -> Iterator[dict[str, Tensor]]:
-    """Each layer's tensors on the CPU; packed matrices of a compressed checkpoint come under
-    ``"__prepacked__"`` as ``{name: (qdata, QuantState)}``. A layer's tensors are read (and GGUF blocks
-    dequantized, which numpy does with the GIL released) on a few threads; for GGUF the next layer's
-    while the caller handles this one. The bar shows on a terminal only and leaves no line behind (load_model
-    prints one summary)."""
+                progress: bool, desc: str, scheme: Scheme | None = None) -> Iterator[dict[str, Tensor | Stored]]:
+    """Each layer's tensors on the CPU; the matrices ``scheme`` covers come as they are stored
+    (``Stored``: a quantized checkpoint's pieces, not dequantized). A layer's tensors are read (and GGUF
+    blocks of other types dequantized, which numpy does with the GIL released) on a few threads; for GGUF
+    the next layer's while the caller handles this one. The bar shows on a terminal only and leaves no line
+    behind (load_model prints one summary)."""
     from tqdm import tqdm
 
     def read(i: int) -> dict:
         prefix = config.layer_prefix(i)
         names = list(config.layer_shapes().items())
-        return {k: pool.submit(_read_one, source, mapping[prefix + k], shape, dtype, packed) for k, shape in names}
+        return {k: pool.submit(_read_one, source, mapping[prefix + k], shape, dtype, scheme) for k, shape in names}
 
     workers = min(4, os.cpu_count() or 1)
     look_ahead = reads_ahead(source)
@@ -137,17 +146,7 @@ def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, s
                 current, ahead = ahead, (read(i + 1) if i + 1 < config.n_layers else {})
             else:
                 current, ahead = (ahead or read(i)), {}
-            layer: dict = {}
-            prepacked = {}
-            for k, fut in current.items():
-                kind, value = fut.result()
-                if kind == "packed":
-                    prepacked[k] = value
-                else:
-                    layer[k] = value
-            if prepacked:
-                layer["__prepacked__"] = prepacked
-            yield layer
+            yield {k: fut.result() for k, fut in current.items()}
 
 
 def reads_ahead(source: TensorSource) -> bool:
@@ -175,13 +174,10 @@ _libc = None
 
 
 def _read_one(source: TensorSource, src: str, shape: tuple[int, ...], dtype: torch.dtype,
-              packed: dict[str, str] | None) -> tuple[str, object]:
-    if src.endswith(".qdata"):
-        assert packed is not None
-        scales = source.load(src[: -len(".qdata")] + ".scales")
-        state = QuantState(packed["codec"], tuple(shape), dtype, int(packed["block_size"]), scales)
-        return "packed", (source.load(src), state)
-    return "dense", _load_as(source, src, dtype)
+              scheme: Scheme | None) -> Tensor | Stored:
+    if scheme is not None and len(shape) == 2 and scheme.covers(src):
+        return scheme.read(src, shape)
+    return _load_as(source, src, dtype)
 
 
 def _load_as(source: TensorSource, name: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
@@ -221,12 +217,11 @@ def load_model(
     t0 = time.perf_counter()
     source, cfg = open_source(resolved)
     config = config_from_dict(cfg, model_type)
-    packed = compression_of(source)
-    mapping = plan_names(config, source, packed)
+    scheme = scheme_for(source, cfg, compression_of(source), resolved.name)
+    mapping = plan_names(config, source, scheme)
     prepare = getattr(layer_builder, "prepare", None)
     if prepare is not None:  # plan (and check memory) before anything large is allocated
-        prepare(config, device, dtype, packed["codec"] if packed else None, int(packed["block_size"]) if packed else None,
-                staged_layers=2 if reads_ahead(source) else 1)
+        prepare(config, device, dtype, stored_sizes(config, mapping, scheme), staged_layers=2 if reads_ahead(source) else 1)
     tokenizer = load_tokenizer_for(resolved, source, cfg)  # checked before any weight is read
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{resolved.name}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
@@ -236,7 +231,7 @@ def load_model(
         globals_[n] = _load_as(source, mapping[n], dtype, device)
         release_freed_memory()
     layers = layer_builder(config, iter_layers(config, source, mapping, dtype, progress, f"loading {resolved.name}",
-                                               packed), device, dtype)
+                                               scheme), device, dtype)
     model = CausalLM(config, ModelWeights(globals_, layers), device, dtype)
     if progress:
         size = sum(f.stat().st_size for f in resolved.files if f.is_file())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -229,6 +230,30 @@ class GGUFSource:
             heads = self.n_head if ".q_proj." in name else self.n_kv
             w = _unpermute_rows(w, heads)
         return w.to(device)
+
+
+    def stored_type(self, name: str) -> str | None:
+        """The block type of a matrix that can stay as stored (``quant/gguf_blocks.py`` dequantizes it on
+        any device), else None."""
+        from quant.gguf_blocks import DEQUANTIZE
+
+        t = self._tensors.get(name)
+        return t.tensor_type.name if t is not None and len(t.shape) == 2 and t.tensor_type.name in DEQUANTIZE else None
+
+    def blocks(self, name: str) -> Tensor:
+        """A matrix's blocks as stored, uint8 ``[rows, bytes per row]`` (rows in Hugging Face order: the
+        LLaMA rotary permutation is undone on whole rows of blocks). A view of the memory-mapped file
+        where no permutation is needed."""
+        t = self._tensors[name]
+        with warnings.catch_warnings():  # the map is read-only; the bytes are only ever copied out of it
+            warnings.simplefilter("ignore", UserWarning)
+            b = torch.from_numpy(np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1))
+        if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            b = _unpermute_rows(b, self.n_head if ".q_proj." in name else self.n_kv)
+        return b
+
+    def nbytes(self, name: str) -> int:
+        return int(self._tensors[name].data.nbytes)
 
 
 def _unpermute_rows(w: Tensor, n_heads: int) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor
 from offload_infer.kv_cache import KVCache
 from offload_infer.kv_pool import BatchAttention, KVPool
 from offload_infer.models.attention import attention_backends, causal_mask
-from quant.codecs import dequantize, load_backend
+from quant.formats import Stored
 
 
 class LayerSource(Protocol):
@@ -39,15 +39,10 @@ class ResidentLayers:
         return None
 
 
-def dense_layer(w: dict, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    """A layer from ``iter_layers`` as dense tensors on ``device``; packed matrices of a compressed
-    checkpoint (``"__prepacked__"``) are decompressed there."""
-    prepacked = w.pop("__prepacked__", {})
-    if prepacked:
-        load_backend()
-    for k, (p, st) in prepacked.items():
-        w[k] = dequantize(p.to(device), st.with_scales(st.scales.to(device)), dtype)
-    return {k: t.to(device=device, dtype=dtype) for k, t in w.items()}
+def dense_layer(w: dict[str, Tensor | Stored], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """A layer from ``iter_layers`` as dense tensors on ``device``; matrices a checkpoint keeps compressed
+    (``Stored``) are dequantized there."""
+    return {k: t.dense(dtype, device) if isinstance(t, Stored) else t.to(device=device, dtype=dtype) for k, t in w.items()}
 
 
 @dataclass

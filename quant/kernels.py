@@ -1,0 +1,55 @@
+"""Device kernels for the dequantization arithmetic: on CUDA, ``torch.compile`` turns the PyTorch code of
+quant/ into fused Triton kernels (one pass over the compressed bytes, no fp32 temporaries in memory);
+on the CPU, and wherever compilation is unavailable or fails, the same code runs eagerly.
+
+Set ``OFFLOAD_INFER_EAGER_DEQUANT=1`` to run eagerly on CUDA too (benchmarks compare the two).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import Tensor
+
+F = TypeVar("F", bound=Callable)
+
+_compiled: dict[Callable, Callable] = {}
+_failed: set[Callable] = set()
+
+
+def eager_only() -> bool:
+    return os.environ.get("OFFLOAD_INFER_EAGER_DEQUANT", "") not in ("", "0")
+
+
+def device_kernel(fn: F, like: Tensor) -> F:
+    """``fn`` as it should run on ``like``'s device: compiled on CUDA (once per function), else as is."""
+    if like.device.type != "cuda" or fn in _failed or eager_only():
+        return fn
+    compiled = _compiled.get(fn)
+    if compiled is None:
+        try:
+            import torch
+
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        except Exception as e:  # noqa: BLE001 - no Triton, unsupported platform: eager works everywhere
+            return _give_up(fn, e)
+        _compiled[fn] = compiled
+
+    def run(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a compiler failure must not stop a model from running
+            _give_up(fn, e)
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+def _give_up(fn: Callable, e: Exception) -> Callable:
+    _failed.add(fn)
+    print(f"note: compiled dequantization of {fn.__name__} unavailable ({type(e).__name__}: {str(e)[:120]}); "
+          "running it eagerly", file=sys.stderr)
+    return fn
