@@ -19,9 +19,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from quant import gguf_blocks, int4_groups
+from quant import gguf_blocks, int4_groups, triton_kernels
 from quant.codecs import QuantState, dequantize
-from quant.kernels import device_kernel
+from quant.kernels import device_kernel, use_triton
 
 
 class Format(Protocol):
@@ -92,6 +92,8 @@ class GGUFFormat:
 
     def dequantize(self, pieces: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
         blocks = pieces["blocks"]
+        if use_triton(blocks) and self.type_name in triton_kernels.GGUF_TYPES:
+            return triton_kernels.gguf(blocks.contiguous(), self.type_name, self.block_bytes, self.shape[0], dtype)
         return device_kernel(_GGUF_KERNELS[self.type_name], blocks)(blocks, self.block_bytes, self.shape[0], dtype)
 
     def describe(self) -> str:
@@ -111,6 +113,9 @@ class AWQFormat:
 
     def dequantize(self, pieces: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
         p = pieces
+        if use_triton(p["qweight"]):
+            return triton_kernels.awq(p["qweight"].contiguous(), p["qzeros"].contiguous(), p["scales"].contiguous(),
+                                      self.group, dtype)
         return device_kernel(_awq_as, p["qweight"])(p["qweight"], p["qzeros"], p["scales"], self.group, dtype)
 
     def describe(self) -> str:

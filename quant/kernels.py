@@ -1,6 +1,6 @@
-"""Device kernels for the dequantization arithmetic: on CUDA, ``torch.compile`` turns the PyTorch code of
-quant/ into fused Triton kernels (one pass over the compressed bytes, no fp32 temporaries in memory);
-on the CPU, and wherever compilation is unavailable or fails, the same code runs eagerly.
+"""Which code dequantizes on which device: on CUDA, hand-written Triton kernels (triton_kernels.py) for
+the formats they cover, else ``torch.compile`` turning the PyTorch code of quant/ into fused kernels;
+on the CPU, and wherever compilation is unavailable or fails, the same PyTorch code runs eagerly.
 
 Set ``OFFLOAD_INFER_EAGER_DEQUANT=1`` to run eagerly on CUDA too (benchmarks compare the two).
 """
@@ -22,6 +22,13 @@ _failed: set[Callable] = set()
 
 def eager_only() -> bool:
     return os.environ.get("OFFLOAD_INFER_EAGER_DEQUANT", "") not in ("", "0")
+
+
+def use_triton(like: Tensor) -> bool:
+    """Whether the hand-written Triton kernels (triton_kernels.py) dequantize tensors on ``like``'s device."""
+    from quant import triton_kernels
+
+    return like.device.type == "cuda" and not eager_only() and triton_kernels.available()
 
 
 def device_kernel(fn: F, like: Tensor) -> F:

@@ -372,3 +372,37 @@ def test_cuda_kernels_match_the_cpu(kind):
     cpu = fmt.dequantize(pieces, torch.float16)
     gpu = fmt.dequantize({k: v.cuda() for k, v in pieces.items()}, torch.float16).cpu()
     torch.testing.assert_close(gpu, cpu, atol=0, rtol=2**-10)
+
+
+_INTERPRETED = r"""
+import sys
+import numpy as np, torch, gguf
+sys.path.insert(0, "tests")
+from quant import triton_kernels as tk, gguf_blocks
+from quant.int4_groups import awq
+from test_quantized_checkpoints import _blocks, _awq_case, _pack_awq
+rng = np.random.default_rng(0)
+for kind in ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]:
+    nb = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][1]
+    b = torch.from_numpy(_blocks(rng, kind, 24, 512))  # 24 rows: the last program's blocks are partly masked
+    ref = gguf_blocks.DEQUANTIZE[kind](b.reshape(-1, nb)).reshape(24, -1)
+    assert torch.equal(tk.gguf(b.contiguous(), kind, nb, 24, torch.float32), ref), kind
+q, z, s = _awq_case(256, 72, 64)
+q, z = q[:, :64], z[:, :64]
+qw, qz, s = _pack_awq(q), _pack_awq(z), s[:, :64].contiguous()
+assert torch.equal(tk.awq(qw, qz, s, 64, torch.float32), awq(qw, qz, s, 64)), "awq"
+print("ok")
+"""
+
+
+def test_triton_kernels_equal_the_pytorch_code_bit_for_bit():
+    """The GPU kernels, run by Triton's interpreter on the CPU, give the PyTorch code's fp32 weights exactly."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

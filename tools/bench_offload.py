@@ -90,8 +90,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="llama-7b,llama-13b")
     ap.add_argument("--precisions", default="fp16,int8,int4", help="fp16, int8, int4 (NF4), and as stored by a "
                     "checkpoint: q4_k_m (GGUF blocks), awq (int4 group 128)")
-    ap.add_argument("--dequant", default="compiled", help="stored formats' GPU dequantization: compiled (Triton "
-                    "kernels from torch.compile), eager, or both")
+    ap.add_argument("--dequant", default="kernels", help="stored formats' GPU dequantization: kernels (Triton, "
+                    "hand-written or from torch.compile), eager (PyTorch ops), or both")
     ap.add_argument("--trees", default="1,16,64,256,1024")
     ap.add_argument("--reserve", default="4G")
     ap.add_argument("--ring", type=int, default=2)
@@ -122,7 +122,7 @@ def main() -> None:
             f"{k} {v / 1e9:.2f} ({v / plan.pinned_bytes:.3f}x)" for k, v in mem.items()), flush=True)
         rows.append(dict(shape=shape, precision=precision, pin=pin, pinned_bytes=plan.pinned_bytes, build_s=build_s,
                          **{f"{k}_grown": v for k, v in mem.items()}))
-        modes = args.dequant.split(",") if args.dequant != "both" else ["compiled", "eager"]
+        modes = args.dequant.split(",") if args.dequant != "both" else ["kernels", "eager"]
         for mode, t in ((m, int(x)) for m in modes for x in args.trees.split(",")):
             os.environ["OFFLOAD_INFER_EAGER_DEQUANT"] = "1" if mode == "eager" else ""
             if t == int(args.trees.split(",")[0]):
