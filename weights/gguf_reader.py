@@ -34,6 +34,7 @@ class GGUFTensor:
     shape: tuple[int, ...]  # GGML order (fastest-varying first)
     tensor_type: object  # gguf.GGMLQuantizationType
     data: np.ndarray  # elements (plain types) or block bytes, rows last, as gguf's reader gives them
+    offset: int = 0  # of the data in the file
 
 
 class GGUFFile:
@@ -88,7 +89,7 @@ class GGUFFile:
             if hi > len(self._map):
                 raise GGUFFormatError(f"{path}: tensor {name} runs past the end of the file (truncated?)")
             data = np.frombuffer(self._map, dtype=dtype, count=count, offset=lo).reshape(np_dims)
-            self.tensors.append(GGUFTensor(name, dims, qtype, data))
+            self.tensors.append(GGUFTensor(name, dims, qtype, data, lo))
         del self._buf
 
     # -- metadata parsing ---------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from its header before any tensor is read) and names the file in every error.
 from __future__ import annotations
 
 import json
+import os
 import struct
-import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -216,6 +216,13 @@ class GGUFSource:
         from quant.gguf_blocks import dequantize as dequantize_torch
 
         t = self._tensors[name]
+        if t.tensor_type.name in ("F32", "F16"):  # read as stored, converted once where it goes
+            w = torch.empty(self.shape(name), dtype=torch.float32 if t.tensor_type.name == "F32" else torch.float16)
+            self._read_into(w, t.offset, name)
+            w = w.to(device=device, dtype=dtype)
+            if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+                w = _unpermute_rows(w, self.n_head if ".q_proj." in name else self.n_kv)
+            return w
         try:
             w = dequantize_torch(t.data, t.tensor_type.name, gguf.GGML_QUANT_SIZES[t.tensor_type][1], self.shape(name),
                                  dtype, device)
@@ -242,15 +249,24 @@ class GGUFSource:
 
     def blocks(self, name: str) -> Tensor:
         """A matrix's blocks as stored, uint8 ``[rows, bytes per row]`` (rows in Hugging Face order: the
-        LLaMA rotary permutation is undone on whole rows of blocks). A view of the memory-mapped file
-        where no permutation is needed."""
+        LLaMA rotary permutation is undone on whole rows of blocks). Read with ``pread``: faster than
+        faulting in the memory map's pages, and the GIL is released for the loader's other threads."""
         t = self._tensors[name]
-        with warnings.catch_warnings():  # the map is read-only; the bytes are only ever copied out of it
-            warnings.simplefilter("ignore", UserWarning)
-            b = torch.from_numpy(np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[1]), -1))
+        b = torch.empty(int(t.shape[1]), t.data.nbytes // int(t.shape[1]), dtype=torch.uint8)
+        self._read_into(b, t.offset, name)
         if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             b = _unpermute_rows(b, self.n_head if ".q_proj." in name else self.n_kv)
         return b
+
+    def _read_into(self, out: Tensor, offset: int, name: str) -> None:
+        view = memoryview(out.numpy()).cast("B")
+        done = 0
+        with open(self.path, "rb", buffering=0) as f:
+            while done < len(view):
+                n = os.preadv(f.fileno(), [view[done : done + (64 << 20)]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(f"{self.where(name)}: the file ends before the tensor does (truncated?)")
+                done += n
 
     def nbytes(self, name: str) -> int:
         return int(self._tensors[name].data.nbytes)
