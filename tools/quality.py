@@ -1,9 +1,11 @@
 """Perplexity with compressed weights against fp32, on a fixed text kept in the repo (CPU).
 
-    PYTHONPATH=. python tools/quality.py [--models demo,qwen-1.5b] [--codecs int8-row,nf4,fp4]
+    PYTHONPATH=. python tools/quality.py [--models demo,qwen-1.5b] [--codecs stored,int8-row,nf4,fp4]
 
-Each codec is applied exactly as ``generate --offload --4bit/--8bit-quantization`` applies it: every
-decoder-layer matrix is compressed into its streamed buffer and decompressed per pass. The baseline
+``stored``: the checkpoint's own quantized matrices streamed as they are (``generate --offload`` on a
+GGUF). Each codec is applied exactly as ``generate --offload --requantize`` (or ``--4bit/--8bit`` on an
+unquantized checkpoint) applies it: every decoder-layer matrix is compressed into its streamed buffer and
+decompressed per pass. The baseline
 is fp32 (for GGUF files: their dequantized weights). Prints perplexity and the relative change.
 Targets: int8 within +0.5%, NF4 within +5%.
 """
@@ -31,10 +33,20 @@ def perplexity(model, ids: list[int], window: int) -> float:
     return math.exp(nll / count)
 
 
+def _stored_sizes(resolved, config) -> list[dict[str, list[int]]]:
+    from weights.compress import compression_of
+    from weights.load import open_source, plan_names, stored_sizes
+    from weights.quantized import scheme_for
+
+    source, cfg = open_source(resolved)
+    scheme = scheme_for(source, cfg, compression_of(source), resolved.name)
+    return stored_sizes(config, plan_names(config, source, scheme), scheme)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="demo,qwen-1.5b")
-    ap.add_argument("--codecs", default="int8-row,nf4,fp4")
+    ap.add_argument("--codecs", default="stored,int8-row,nf4,fp4")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--block-size", type=int, default=64)
     args = ap.parse_args()
@@ -57,12 +69,16 @@ def main() -> None:
         del base
         config = config_from_dict(open_source(r)[1])
         for codec in args.codecs.split(","):
-            plan = make_plan(config, torch.float32, 1 << 40, codec, args.block_size)
-            builder = OffloadBuilder(plan.global_bytes + 2 * plan.packed_layer_bytes, codec, args.block_size,
-                                     verbose=False)
+            if codec == "stored":  # the checkpoint's own quantized matrices, streamed as they are
+                plan = make_plan(config, torch.float32, 1 << 40, None, args.block_size, stored=_stored_sizes(r, config))
+                builder = OffloadBuilder(plan.global_bytes + 2 * plan.packed_layer_bytes, None, verbose=False)
+            else:  # re-quantized, as --requantize (or --4bit/--8bit on an unquantized checkpoint) does
+                plan = make_plan(config, torch.float32, 1 << 40, codec, args.block_size)
+                builder = OffloadBuilder(plan.global_bytes + 2 * plan.packed_layer_bytes, codec, args.block_size,
+                                         verbose=False, requantize=True)
             q = load_model(r, layer_builder=builder, progress=False)
             ppl = perplexity(q.model, ids, args.window)
-            label = codec if codec == "int8-row" else f"{codec}/{args.block_size}"
+            label = codec if codec in ("int8-row", "stored") else f"{codec}/{args.block_size}"
             print(f"{name:<16} {label:<10} {len(ids):>7} {ppl:>11.4f} {100 * (ppl / ref - 1):>+7.2f}%", flush=True)
             del q
 
