@@ -14,6 +14,7 @@ import math
 import re
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,7 @@ from offload_infer.memory import (Footprint, OffloadPlanError, check_footprint, 
 from offload_infer.models.base import FamilyConfig, dense_layer
 from offload_infer.pinned import PinnedRegion, caching_pinned_empty, pinned_empty
 from quant.codecs import load_backend, packed_nbytes, quantize
-from quant.formats import Format, Stored, codec_stored
+from quant.formats import FileSlice, Format, Stored, codec_stored, piece_nbytes
 
 ALIGN = 64  # byte alignment of every tensor inside a layer buffer (keeps dtype views legal and copies fast)
 
@@ -225,7 +226,7 @@ def pack_layer(weights: dict[str, Tensor | Stored], codec: str | None, block_siz
     compressed when ``codec`` is set. Each piece is copied straight into the buffer from wherever it was
     made (no second host copy on the way)."""
     entries: list[Entry] = []
-    sources: list[Tensor] = []
+    sources: list[Tensor | FileSlice] = []
     offset = 0
     for name, t in weights.items():
         if isinstance(t, Tensor) and _is_compressed(tuple(t.shape), codec):
@@ -233,19 +234,38 @@ def pack_layer(weights: dict[str, Tensor | Stored], codec: str | None, block_siz
         parts = t.pieces if isinstance(t, Stored) else {"": t}
         pieces = []
         for key, p in parts.items():
-            raw = _bytes(p)
-            pieces.append(Piece(key, offset, raw.numel(), p.dtype, tuple(p.shape)))
+            raw = p if isinstance(p, FileSlice) else _bytes(p)
+            nbytes = piece_nbytes(raw)
+            pieces.append(Piece(key, offset, nbytes, p.dtype, tuple(p.shape)))
             sources.append(raw)
-            offset += _align(raw.numel())
+            offset += _align(nbytes)
         entries.append(Entry(name, pieces, t.fmt if isinstance(t, Stored) else None))
     if device is not None and device.type != "cpu":
         buf, region = torch.empty(max(offset, ALIGN), dtype=torch.uint8, device=device), None
     else:
         buf, region = host_buffer(max(offset, ALIGN), pin, allocator)
     pieces = [p for e in entries for p in e.pieces]
+    reads = []
     for piece, raw in zip(pieces, sources):
-        buf[piece.offset : piece.offset + piece.nbytes].copy_(raw)
+        dst = buf[piece.offset : piece.offset + piece.nbytes]
+        if isinstance(raw, FileSlice) and dst.device.type == "cpu":
+            reads.append((raw, dst))  # read from the file straight into the buffer
+        else:
+            dst.copy_(raw.read().view(-1).view(torch.uint8) if isinstance(raw, FileSlice) else raw)
+    if reads:
+        list(_readers().map(lambda r: r[0].read_into(r[1]), reads))
     return PackedLayer(buf, entries, region)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _readers() -> ThreadPoolExecutor:
+    """Threads reading file slices into layer buffers (``pread`` releases the GIL: reads overlap)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(4, thread_name_prefix="offload-read")
+    return _pool
 
 
 def unpack_layer(buf: Tensor, layer: PackedLayer, dtype: torch.dtype) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from quant.formats import FileSlice
 from weights.gguf_reader import GGUFFile, GGUFFormatError
 
 
@@ -217,8 +218,8 @@ class GGUFSource:
 
         t = self._tensors[name]
         if t.tensor_type.name in ("F32", "F16"):  # read as stored, converted once where it goes
-            w = torch.empty(self.shape(name), dtype=torch.float32 if t.tensor_type.name == "F32" else torch.float16)
-            self._read_into(w, t.offset, name)
+            kind = torch.float32 if t.tensor_type.name == "F32" else torch.float16
+            w = self._read(FileSlice(str(self.path), t.offset, int(t.data.nbytes), kind, self.shape(name)), name)
             w = w.to(device=device, dtype=dtype)
             if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
                 w = _unpermute_rows(w, self.n_head if ".q_proj." in name else self.n_kv)
@@ -247,26 +248,22 @@ class GGUFSource:
         t = self._tensors.get(name)
         return t.tensor_type.name if t is not None and len(t.shape) == 2 and t.tensor_type.name in DEQUANTIZE else None
 
-    def blocks(self, name: str) -> Tensor:
-        """A matrix's blocks as stored, uint8 ``[rows, bytes per row]`` (rows in Hugging Face order: the
-        LLaMA rotary permutation is undone on whole rows of blocks). Read with ``pread``: faster than
-        faulting in the memory map's pages, and the GIL is released for the loader's other threads."""
+    def blocks(self, name: str) -> Tensor | FileSlice:
+        """A matrix's blocks as stored, uint8 ``[rows, bytes per row]``, rows in Hugging Face order: a
+        slice of the file to be read where it goes, or, where llama.cpp's rotary permutation has to be
+        undone on whole rows of blocks, the rows read and reordered."""
         t = self._tensors[name]
-        b = torch.empty(int(t.shape[1]), t.data.nbytes // int(t.shape[1]), dtype=torch.uint8)
-        self._read_into(b, t.offset, name)
+        rows = int(t.shape[1])
+        piece = FileSlice(str(self.path), t.offset, int(t.data.nbytes), torch.uint8, (rows, int(t.data.nbytes) // rows))
         if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            b = _unpermute_rows(b, self.n_head if ".q_proj." in name else self.n_kv)
-        return b
+            return _unpermute_rows(self._read(piece, name), self.n_head if ".q_proj." in name else self.n_kv)
+        return piece
 
-    def _read_into(self, out: Tensor, offset: int, name: str) -> None:
-        view = memoryview(out.numpy()).cast("B")
-        done = 0
-        with open(self.path, "rb", buffering=0) as f:
-            while done < len(view):
-                n = os.preadv(f.fileno(), [view[done : done + (64 << 20)]], offset + done)
-                if n <= 0:
-                    raise CheckpointError(f"{self.where(name)}: the file ends before the tensor does (truncated?)")
-                done += n
+    def _read(self, piece: FileSlice, name: str) -> Tensor:
+        try:
+            return piece.read()
+        except EOFError as e:
+            raise CheckpointError(f"{self.where(name)}: {e}") from None
 
     def nbytes(self, name: str) -> int:
         return int(self._tensors[name].data.nbytes)
