@@ -182,6 +182,11 @@ class GPTQFormat:
 
     def dequantize(self, pieces: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
         p = pieces
+        if use_triton(p["qweight"]):
+            g = p.get("g_idx")
+            return triton_kernels.gptq(p["qweight"].contiguous(), p["qzeros"].contiguous(), p["scales"].contiguous(),
+                                       g.contiguous() if g is not None else None, self.bits, self.group,
+                                       self.zero_offset, dtype)
         return device_kernel(_gptq_as, p["qweight"])(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), self.bits,
                                                      self.group, self.zero_offset, dtype)
 

@@ -129,6 +129,26 @@ if triton is not None:
         _store(out, o.to(tl.int64) * n_in + i, (q - z).to(tl.float32) * s, ok, OUT)
 
 
+    @triton.jit
+    def _gptq(qw, qz, sc, gi, out, n_in, n_out, group, zero_offset, BITS: tl.constexpr, HAS_G: tl.constexpr,
+              BI: tl.constexpr, BO: tl.constexpr, OUT: tl.constexpr):
+        """GPTQ -> ``out[o, i]``: ``qweight`` packed along the input rows, ``qzeros`` along the outputs."""
+        PER: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        i = tl.program_id(0) * BI + tl.arange(0, BI)[None, :]  # [1, BI]
+        o = tl.program_id(1) * BO + tl.arange(0, BO)[:, None]  # [BO, 1]
+        ok = (i < n_in) & (o < n_out)
+        q = (tl.load(qw + (i // PER).to(tl.int64) * n_out + o, mask=ok, other=0) >> (BITS * (i % PER))) & MASK
+        if HAS_G:
+            g = tl.load(gi + i, mask=i < n_in, other=0)
+        else:
+            g = i // group
+        z = tl.load(qz + g * (n_out // PER) + o // PER, mask=ok, other=0)
+        z = (((z >> (BITS * (o % PER))) & MASK) + zero_offset) & MASK
+        s = tl.load(sc + g * n_out + o, mask=ok, other=0).to(tl.float32)
+        _store(out, o.to(tl.int64) * n_in + i, (q - z).to(tl.float32) * s, ok, OUT)
+
+
 _K = {"Q4_K": 0, "Q5_K": 1, "Q6_K": 2}
 _LEGACY = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3}
 GGUF_TYPES = frozenset(_K) | frozenset(_LEGACY)
@@ -156,3 +176,33 @@ def awq(qweight: Tensor, qzeros: Tensor, scales: Tensor, group: int, dtype: torc
     grid = (triton.cdiv(n_in, bi), triton.cdiv(n_out, bo))
     _awq[grid](qweight, qzeros, scales, out, n_in, n_out, group, bi, bo, _OUT[dtype], enable_fp_fusion=False)
     return out
+
+
+def gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | None, bits: int, group: int,
+         zero_offset: int, dtype: torch.dtype) -> Tensor:
+    """GPTQ (on a GPU) -> ``[out, in]`` ``dtype``; ``g_idx`` None: rows grouped in order."""
+    n_in, n_out = qweight.shape[0] * (32 // bits), qweight.shape[1]
+    out = torch.empty(n_out, n_in, dtype=dtype, device=qweight.device)
+    bi, bo = 64, 64
+    grid = (triton.cdiv(n_in, bi), triton.cdiv(n_out, bo))
+    g = g_idx if g_idx is not None else qweight  # not read without HAS_G
+    _gptq[grid](qweight, qzeros, scales, g, out, n_in, n_out, group, zero_offset, bits, g_idx is not None, bi, bo,
+                _OUT[dtype], enable_fp_fusion=False)
+    return out
+
+
+def warm_up(device: torch.device | str, dtype: torch.dtype = torch.float16) -> None:
+    """Compile every kernel for ``dtype`` now (Triton compiles on first use, which costs seconds and
+    host memory): benchmarks call this so that neither is counted as the model's."""
+    if not available():
+        return
+    import gguf as _gguf
+
+    for name in GGUF_TYPES:
+        per, nbytes = _gguf.GGML_QUANT_SIZES[_gguf.GGMLQuantizationType[name]]
+        blocks = torch.zeros(256 // per * nbytes, dtype=torch.uint8, device=device)
+        gguf(blocks, name, nbytes, 1, dtype)
+    q = torch.zeros(128, 8, dtype=torch.int32, device=device)
+    awq(q, q[:1], torch.zeros(1, 64, dtype=torch.float16, device=device), 128, dtype)
+    gptq(q, q[:1], torch.zeros(1, 8, dtype=torch.float16, device=device), None, 4, 1024, 1, dtype)
+    torch.cuda.synchronize(device)

@@ -391,6 +391,19 @@ q, z, s = _awq_case(256, 72, 64)
 q, z = q[:, :64], z[:, :64]
 qw, qz, s = _pack_awq(q), _pack_awq(z), s[:, :64].contiguous()
 assert torch.equal(tk.awq(qw, qz, s, 64, torch.float32), awq(qw, qz, s, 64)), "awq"
+from quant.int4_groups import gptq
+from test_quantized_checkpoints import _pack_gptq_rows, _pack_gptq_cols
+g = torch.Generator().manual_seed(0)
+for bits in (2, 4, 8):
+    for act_order in (False, True):
+        n_in, out, group = 256, 64, 32
+        q = torch.randint(0, 2**bits, (n_in, out), generator=g)
+        z = torch.randint(0, 2**bits, (n_in // group, out), generator=g)
+        s = (torch.rand(n_in // group, out, generator=g) * 0.02 + 0.001).half()
+        g_idx = (torch.randperm(n_in, generator=g) // group).to(torch.int32) if act_order else None
+        qw, qz = _pack_gptq_rows(q, bits), _pack_gptq_cols(z, bits)
+        assert torch.equal(tk.gptq(qw, qz, s, g_idx, bits, group, 1, torch.float32),
+                           gptq(qw, qz, s, g_idx, bits, group, 1)), ("gptq", bits, act_order)
 print("ok")
 """
 

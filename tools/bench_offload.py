@@ -89,7 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-7b,llama-13b")
     ap.add_argument("--precisions", default="fp16,int8,int4", help="fp16, int8, int4 (NF4), and as stored by a "
-                    "checkpoint: q4_k_m (GGUF blocks), awq (int4 group 128)")
+                    "checkpoint: q4_k_m (GGUF blocks), awq, gptq (int4 group 128)")
     ap.add_argument("--dequant", default="kernels", help="stored formats' GPU dequantization: kernels (Triton, "
                     "hand-written or from torch.compile), eager (PyTorch ops), or both")
     ap.add_argument("--trees", default="1,16,64,256,1024")

@@ -2,8 +2,8 @@
 
 - ``build``: an offloaded (streamed) model at a shape and precision, packed layer by layer into pinned
   buffers straight from random (or given) weights; precisions fp16, int8, int4 (NF4) and, as a
-  checkpoint would store them, q4_k_m (GGUF Q4_K/Q6_K blocks laid out like llama.cpp's Q4_K_M) and awq
-  (AutoAWQ int4, group 128);
+  checkpoint would store them, q4_k_m (GGUF Q4_K/Q6_K blocks laid out like llama.cpp's Q4_K_M), awq
+  (AutoAWQ int4, group 128) and gptq (int4, group 128, v1 zeros);
 - ``random_resident``: a resident model (an SSM) at a shape;
 - ``agreeing_pair``: an LLM and an SSM that agree by construction (the SSM is the LLM's embeddings, first
   layers and head; the LLM's later layers barely move the residual stream), streamed or resident.
@@ -47,7 +47,7 @@ def random_layers(config, dtype, device: str = "cuda"):
         yield draw(config.layer_shapes(), device, dtype)
 
 
-STORED = ("q4_k_m", "awq")  # precisions whose matrices are random blocks of a checkpoint's own format
+STORED = ("q4_k_m", "awq", "gptq")  # precisions whose matrices are random blocks of a checkpoint's own format
 _GGUF_BLOCK = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,))}  # bytes per 256 weights, offsets of fp16 scales
 
 
@@ -60,7 +60,7 @@ def q4_k_m_type(name: str, layer: int, n_layers: int) -> str:
 
 def random_stored(name: str, shape: tuple[int, int], precision: str, layer: int, n_layers: int, device: str):
     """A random matrix in a checkpoint's own format (valid blocks: finite, small scales) at ``shape``."""
-    from quant.formats import AWQFormat, GGUFFormat, Stored
+    from quant.formats import AWQFormat, GGUFFormat, GPTQFormat, Stored
 
     out, n_in = shape
     if precision == "q4_k_m":
@@ -73,6 +73,9 @@ def random_stored(name: str, shape: tuple[int, int], precision: str, layer: int,
     group = 128
     ints = lambda *s: torch.randint(-2**31, 2**31 - 1, s, dtype=torch.int32, device=device)  # noqa: E731
     scales = (torch.rand(n_in // group, out, device=device) * 1e-3 + 1e-4).half()
+    if precision == "gptq":
+        return Stored(GPTQFormat(4, group, 1, shape), {"qweight": ints(n_in // 8, out),
+                                                        "qzeros": ints(n_in // group, out // 8), "scales": scales})
     return Stored(AWQFormat(group, shape), {"qweight": ints(n_in, out // 8), "qzeros": ints(n_in // group, out // 8),
                                             "scales": scales})
 
