@@ -220,7 +220,8 @@ def _bytes(t: Tensor) -> Tensor:
 
 
 def pack_layer(weights: dict[str, Tensor | Stored], codec: str | None, block_size: int, quant_device: torch.device,
-               pin: bool = True, allocator: str = "registered", device: torch.device | None = None) -> PackedLayer:
+               pin: bool = True, allocator: str = "registered", device: torch.device | None = None,
+               ready: tuple[Tensor, PinnedRegion | None] | None = None) -> PackedLayer:
     """One buffer holding every tensor of a layer (on the host, or on ``device`` for a resident layer).
     Matrices the checkpoint keeps compressed (``Stored``) go in as they are; other 2-D weights are
     compressed when ``codec`` is set. Each piece is copied straight into the buffer from wherever it was
@@ -242,6 +243,8 @@ def pack_layer(weights: dict[str, Tensor | Stored], codec: str | None, block_siz
         entries.append(Entry(name, pieces, t.fmt if isinstance(t, Stored) else None))
     if device is not None and device.type != "cpu":
         buf, region = torch.empty(max(offset, ALIGN), dtype=torch.uint8, device=device), None
+    elif ready is not None and ready[0].numel() == max(offset, ALIGN):
+        buf, region = ready  # allocated (and pinned) ahead, while the previous layer was read
     else:
         buf, region = host_buffer(max(offset, ALIGN), pin, allocator)
     pieces = [p for e in entries for p in e.pieces]
@@ -392,6 +395,13 @@ class OffloadBuilder:
         resident: dict[int, dict[str, Tensor] | PackedLayer] = {}
         packed: dict[int, PackedLayer] = {}
         qdev = device if device.type == "cuda" else torch.device("cpu")
+        # on CUDA, pinning a buffer (cudaHostRegister) costs about as much as reading its bytes: the next
+        # streamed layer's buffer is allocated and pinned on a thread while this one is read
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="offload-pin") if device.type == "cuda" and self.pin else None
+        streamed = [i for i in range(config.n_layers) if i not in plan.resident_layers]
+        pending = {}
+        if ahead is not None and streamed:
+            pending[streamed[0]] = ahead.submit(host_buffer, plan.packed_bytes_of(streamed[0]), True, self.pin_allocator)
         for i, w in enumerate(layers):
             if self.requantize:
                 w = {k: t.dense(dtype, qdev) if isinstance(t, Stored) else t for k, t in w.items()}
@@ -400,5 +410,11 @@ class OffloadBuilder:
             elif i in plan.resident_layers:
                 resident[i] = pack_layer(w, plan.codec, plan.block_size, qdev, False, device=device)
             else:
-                packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, self.pin_allocator)
+                ready = pending.pop(i).result() if i in pending else None
+                nxt = next((j for j in streamed if j > i), None)
+                if ahead is not None and nxt is not None:
+                    pending[nxt] = ahead.submit(host_buffer, plan.packed_bytes_of(nxt), True, self.pin_allocator)
+                packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, self.pin_allocator, ready=ready)
+        if ahead is not None:
+            ahead.shutdown()
         return StreamedLayers(config.n_layers, resident, packed, device, dtype, plan.ring_slots)

@@ -11,6 +11,7 @@ stays pageable and one warning says copies will be slower.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import warnings
 
@@ -21,8 +22,33 @@ _warned = False
 PAGE = mmap.PAGESIZE
 
 
+def _cudart():
+    """The CUDA runtime PyTorch loaded, called through ctypes (which releases the GIL, so a buffer can be
+    registered on one thread while others read weights into another); None if it cannot be found."""
+    global _lib
+    if _lib is None:
+        _lib = False
+        try:
+            with open("/proc/self/maps") as f:
+                paths = {line.split()[-1] for line in f if "libcudart.so" in line}
+            if paths:
+                lib = ctypes.CDLL(sorted(paths)[0])
+                lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+                lib.cudaHostRegister.restype = ctypes.c_int
+                _lib = lib
+        except OSError:
+            pass
+    return _lib or None
+
+
+_lib = None
+
+
 def _register(ptr: int, nbytes: int) -> int:
     """cudaHostRegister (flags: portable); the CUDA error code, 0 on success."""
+    lib = _cudart()
+    if lib is not None:
+        return int(lib.cudaHostRegister(ptr, nbytes, 1))
     return int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 1))
 
 

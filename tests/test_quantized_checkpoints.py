@@ -184,6 +184,32 @@ def test_gguf_requantize_keeps_the_old_behaviour(tiny_gguf):
     assert torch.isfinite(_logits(model)).all()
 
 
+def test_cli_streams_a_gguf_as_stored_and_requantizes_on_request(tiny_gguf):
+    from typer.testing import CliRunner
+
+    from offload_infer.cli import app
+
+    def run(*args):
+        return CliRunner().invoke(app, ["generate", "hello", "-m", str(tiny_gguf / "tiny.gguf"), "-n", "4", "--json",
+                                        "--no-chat", *args])
+
+    base = run()
+    stored = run("--offload", "--offload-reserve-space-size", "110M", "--offload-ring-slots", "1")
+    assert base.exit_code == 0 and stored.exit_code == 0, stored.output
+    assert "quantized matrices as stored" in stored.stderr
+    assert json.loads(base.stdout)[0]["output_token_ids"] == json.loads(stored.stdout)[0]["output_token_ids"]
+    again = run("--offload", "--offload-reserve-space-size", "110M", "--requantize", "nf4")
+    assert again.exit_code == 0, again.output
+    assert "codec nf4" in again.stderr
+    note = run("--offload", "--offload-reserve-space-size", "110M", "--4bit-quantization")
+    assert note.exit_code == 0 and "stream as stored; nf4 applies to its other matrices" in note.stderr
+    for args, message in ((("--offload", "--requantize", "int3"), "--requantize: choose one of nf4, int8"),
+                          (("--requantize", "nf4"), "add --offload"),
+                          (("--offload", "--requantize", "nf4", "--quant-codec", "int8-row"), "disagree")):
+        r = run(*args)
+        assert r.exit_code != 0 and message in r.output, r.output
+
+
 # -- AWQ and GPTQ: references from the documented layouts ----------------------------------------------
 def _pack_awq(q: torch.Tensor) -> torch.Tensor:
     """[rows, cols] 4-bit ints -> int32 [rows, cols / 8], column AWQ_ORDER[i] in nibble i (AutoAWQ gemm)."""
@@ -372,6 +398,20 @@ def test_cuda_kernels_match_the_cpu(kind):
     cpu = fmt.dequantize(pieces, torch.float16)
     gpu = fmt.dequantize({k: v.cuda() for k, v in pieces.items()}, torch.float16).cpu()
     torch.testing.assert_close(gpu, cpu, atol=0, rtol=2**-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["gptq", "gptq-act", "bnb4", "bnb8"])
+def test_cuda_loads_quantized_checkpoints_like_the_cpu(tiny_dirs, tmp_path, kind):
+    qdir, twin = _quantized_pair(tiny_dirs["llama"][0], tmp_path, kind)
+    ref = _logits(load_model(resolve(str(twin)), progress=False).model)
+    builder = _streaming_builder(qdir)
+    gpu = load_model(resolve(str(qdir)), device="cuda", layer_builder=builder, progress=False).model
+    assert gpu.weights.layers.packed
+    ids = IDS.cuda()
+    out = gpu.forward(ids, torch.arange(len(ids), device="cuda"), gpu.new_cache(32)).cpu()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 _INTERPRETED = r"""
