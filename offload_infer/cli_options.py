@@ -38,9 +38,10 @@ Q4 = typer.Option(False, "--4bit-quantization", help="Stream int4 (NF4) weights.
 Q8 = typer.Option(False, "--8bit-quantization", help="Stream int8 weights.", rich_help_panel="Offload and compression")
 CODEC = typer.Option(None, "--quant-codec", "--codec", help="Codec: nf4, fp4, int8-row, int8-block (overrides the "
                      "4/8-bit flags).", rich_help_panel="Offload and compression")
-REQUANTIZE = typer.Option(None, "--requantize", metavar="nf4|int8", help="Dequantize a quantized checkpoint's "
-                          "matrices (GGUF, AWQ, GPTQ, bitsandbytes) at load and compress them again with this codec, "
-                          "instead of streaming them as stored.", rich_help_panel="Offload and compression")
+REQUANTIZE = typer.Option(None, "--requantize", metavar="nf4|int8|dense", help="Dequantize a quantized checkpoint's "
+                          "matrices (GGUF, AWQ, GPTQ, bitsandbytes) at load and compress them again with this codec "
+                          "(dense: stream them at the model's precision), instead of streaming them as stored.",
+                          rich_help_panel="Offload and compression")
 BLOCK = typer.Option(64, "--quant-block-size", "--block-size", min=1, help="Elements per scale for block codecs.", rich_help_panel="Offload and compression")
 RING = typer.Option(2, min=1, help="Device buffers streamed layers rotate through.", rich_help_panel="Offload and compression")
 MAX_BATCH_SIZE = typer.Option(8, min=1, help="Most requests served together (one LLM pass per step for all).", rich_help_panel="Batching")
@@ -59,7 +60,7 @@ SEED = typer.Option(None, min=0, help="Seed of each request's sampling (reproduc
 EAGER = typer.Option(False, help="Run the SSMs eagerly instead of replaying CUDA graphs.", rich_help_panel="Speculation")
 
 
-REQUANTIZE_CODECS = {"nf4": "nf4", "int8": "int8-row"}
+REQUANTIZE_CODECS = {"nf4": "nf4", "int8": "int8-row", "dense": None}  # dense: dequantized, streamed at the model dtype
 
 
 @dataclass
@@ -197,6 +198,8 @@ def build_engine(o: ModelOptions, n_requests: int):
         if codec and codec != REQUANTIZE_CODECS[o.requantize]:
             raise ValueError(f"--requantize {o.requantize} and --quant-codec {codec} disagree: give one")
         codec = REQUANTIZE_CODECS[o.requantize]
+        if not o.offload:
+            raise ValueError("--requantize applies to streamed weights: add --offload")
     if codec and not o.offload:
         raise ValueError("weight compression applies to streamed weights: add --offload")
     resolved = resolve(o.llm if o.llm_weight is None else None, str(o.llm_weight) if o.llm_weight else None,

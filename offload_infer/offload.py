@@ -353,7 +353,8 @@ class OffloadBuilder:
                  kv_bytes: int = 0, pin: bool = True, verbose: bool = True, resident_compressed: bool = True,
                  kv_tokens: int = 0, pin_allocator: str = "registered", others: Footprint | None = None,
                  requantize: bool = False) -> None:
-        self.requantize = requantize  # a quantized checkpoint's matrices: dequantized and compressed with codec
+        self.requantize = requantize  # a quantized checkpoint's matrices: dequantized, then compressed with the
+        # codec (or streamed dense without one)
         self.others = others  # what else the run allocates (SSMs, their KV pools), counted in the pre-flight
         self.pin_allocator = pin_allocator  # "registered" (exact size) or "caching" (PyTorch's; benchmarks)
         self.reserve_bytes, self.codec, self.block_size = reserve_bytes, codec, block_size
@@ -368,9 +369,7 @@ class OffloadBuilder:
         """Plan and check memory. ``stored``: per layer, the piece sizes of the matrices the checkpoint
         keeps compressed (they stream as stored; the codec applies to the others). ``staged_layers``:
         layers the loader holds on the host at once (2 when it reads ahead)."""
-        if self.requantize:
-            if not self.codec:
-                raise OffloadPlanError("requantizing needs a codec (nf4 or int8)")
+        if self.requantize:  # dequantized at load: compressed with the codec, or dense without one
             stored = None
         elif stored and any(stored) and self.codec and self.verbose:
             print(f"note: the checkpoint's quantized matrices stream as stored; {self.codec} applies to its other "

@@ -203,6 +203,9 @@ def test_cli_streams_a_gguf_as_stored_and_requantizes_on_request(tiny_gguf):
     assert "codec nf4" in again.stderr
     note = run("--offload", "--offload-reserve-space-size", "110M", "--4bit-quantization")
     assert note.exit_code == 0 and "stream as stored; nf4 applies to its other matrices" in note.stderr
+    dense = run("--offload", "--offload-reserve-space-size", "110M", "--requantize", "dense")
+    assert dense.exit_code == 0 and "codec none" in dense.stderr, dense.output
+    assert json.loads(dense.stdout)[0]["output_token_ids"] == json.loads(base.stdout)[0]["output_token_ids"]
     for args, message in ((("--offload", "--requantize", "int3"), "--requantize: choose one of nf4, int8"),
                           (("--requantize", "nf4"), "add --offload"),
                           (("--offload", "--requantize", "nf4", "--quant-codec", "int8-row"), "disagree")):

@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--reserve", default="1.2G")
+    ap.add_argument("--dense", action="store_true", help="stream the LLM dequantized at fp16 (--requantize dense), "
+                    "as before GGUFs streamed as stored")
     ap.add_argument("--budgets", default="16,64,256", help="calibrated trees (now)")
     ap.add_argument("--before", default="16,64", help="trees as before: SSM probabilities, depth 16, every candidate")
     ap.add_argument("--auto", action="store_true")
@@ -138,7 +140,8 @@ def main() -> None:
 
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    builder = OffloadBuilder(parse_size(args.reserve), kv_bytes=1 << 30) if args.offload else resident_layers
+    builder = OffloadBuilder(parse_size(args.reserve), kv_bytes=1 << 30, requantize=args.dense) if args.offload \
+        else resident_layers
     llm = load_model(resolve(args.llm), device=dev, dtype=dtype, layer_builder=builder)
     ssm = load_model(resolve(args.ssm), device=dev, dtype=dtype)
     vocab = shared_vocab_size(llm.tokenizer.token_strings(), ssm.tokenizer.token_strings(), llm.model.vocab_size,
