@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--reserve", default="1G")
     ap.add_argument("--codec", default=None)
+    ap.add_argument("--requantize", default=None, help="nf4, int8 or dense: a quantized checkpoint converted at load")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-sequence-length", type=int, default=1024)
     ap.add_argument("--max-batch-size", type=int, default=1)
@@ -41,7 +42,7 @@ def main() -> None:
     import offload_infer.cli_options as opts
 
     o = opts.ModelOptions(llm=args.llm, ssm=tuple(args.ssm), offload=args.offload, offload_reserve_space_size=args.reserve,
-                          quant_codec=args.codec, device=args.device, max_sequence_length=args.max_sequence_length,
+                          quant_codec=args.codec, requantize=args.requantize, device=args.device, max_sequence_length=args.max_sequence_length,
                           max_batch_size=args.max_batch_size)
     if args.device.startswith("cuda"):  # the CUDA context and libraries are not the model's memory
         torch.zeros(1, device=args.device)
