@@ -173,15 +173,16 @@ def _gptq_as(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor | No
 
 @dataclass(frozen=True)
 class GPTQFormat:
-    """GPTQ: pieces ``qweight``, ``qzeros``, ``scales`` and, when quantized in activation order, ``g_idx``."""
+    """GPTQ: pieces ``qweight``, ``qzeros``, ``scales`` and, where the checkpoint has one, ``g_idx``."""
 
     bits: int
     group: int
     zero_offset: int  # 1: the v1 format, zeros stored minus one; 0: v2
     shape: tuple[int, int]
+    act_order: bool = False  # rows gathered by ``g_idx`` (quantized in activation order); else grouped in order
 
     def dequantize(self, pieces: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
-        p = pieces
+        p = {k: v for k, v in pieces.items() if k != "g_idx" or self.act_order}
         if use_triton(p["qweight"]):
             g = p.get("g_idx")
             return triton_kernels.gptq(p["qweight"].contiguous(), p["qzeros"].contiguous(), p["scales"].contiguous(),

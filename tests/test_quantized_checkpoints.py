@@ -275,7 +275,7 @@ def test_gptq_dequantizes_like_the_documented_layout(bits, act_order, v1):
     pieces = {"qweight": _pack_gptq_rows(q, bits), "qzeros": _pack_gptq_cols(stored_z, bits), "scales": s}
     if act_order:
         pieces["g_idx"] = g_idx.to(torch.int32)
-    got = GPTQFormat(bits, group, 1 if v1 else 0, (out, n_in)).dequantize(pieces, torch.float32)
+    got = GPTQFormat(bits, group, 1 if v1 else 0, (out, n_in), act_order).dequantize(pieces, torch.float32)
     assert torch.equal(got, _reference(q, z, s, lambda i: int(g_idx[i])))
 
 
@@ -347,6 +347,8 @@ def test_quantized_checkpoint_matches_its_dequantized_twin(tiny_dirs, tmp_path, 
     streamed = load_model(resolve(str(qdir)), layer_builder=builder, progress=False).model
     packed = streamed.weights.layers.packed
     assert packed and all(e.fmt is not None for p in packed.values() for e in p.entries if e.name.endswith("proj.weight"))
+    # the plan knew every layer's stored bytes before reading: the buffers are exactly what it counted
+    assert builder.plan.pinned_bytes == sum(p.buffer.numel() for p in packed.values())
     tol = {} if kind != "bnb4" else dict(atol=1e-5, rtol=1e-5)  # bnb's CPU kernels differ in the last bit
     torch.testing.assert_close(_logits(resident), ref, **tol)
     torch.testing.assert_close(_logits(streamed), ref, **tol)

@@ -47,7 +47,9 @@ class Scheme(Protocol):
 
 
 def _nbytes(source: TensorSource, name: str, dtype: torch.dtype) -> int:
-    return math.prod(source.shape(name)) * _SIZES[dtype]
+    """A tensor's stored bytes: from the file's header where it says (safetensors), else shape x ``dtype``."""
+    nbytes = getattr(source, "nbytes", None)
+    return nbytes(name) if nbytes is not None else math.prod(source.shape(name)) * _SIZES[dtype]
 
 
 class GGUFScheme:
@@ -159,7 +161,9 @@ class _GroupScheme:
 
     def piece_nbytes(self, name: str) -> list[int]:
         kinds = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32}
-        return [_nbytes(self.source, f"{_base(name)}.{p}", kinds[p]) for p in self.parts]  # g_idx: see read
+        keys = self.source.keys()
+        return [_nbytes(self.source, f"{_base(name)}.{p}", kinds[p]) for p in (*self.parts, "g_idx")
+                if f"{_base(name)}.{p}" in keys]
 
     def _load(self, name: str, part: str) -> Tensor:
         return self.source.load(f"{_base(name)}.{part}")
@@ -233,16 +237,17 @@ class GPTQScheme(_GroupScheme):
         out, n_in = shape
         g = self._group_of(n_in)
         pieces = {p: self._load(name, p) for p in self.parts}
+        act_order = False
         if f"{_base(name)}.g_idx" in self.source.keys():
             g_idx = self._load(name, "g_idx").to(torch.int32)
             if g_idx.shape != (n_in,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= pieces["scales"].shape[0]:
                 raise CheckpointError(f"{self.source.where(_base(name) + '.g_idx')}: g_idx does not map {n_in} rows "
                                       f"to {pieces['scales'].shape[0]} groups")
-            if not torch.equal(g_idx, torch.arange(n_in, dtype=torch.int32) // g):
-                pieces["g_idx"] = g_idx  # activation order (desc_act): rows gathered by group
+            pieces["g_idx"] = g_idx  # kept as stored (the plan counted it); gathered by only in activation order
+            act_order = not torch.equal(g_idx, torch.arange(n_in, dtype=torch.int32) // g)
         elif n_in % g:
             raise CheckpointError(f"{self.where}: {n_in} rows do not split into GPTQ groups of {g} and there is no g_idx")
-        return Stored(GPTQFormat(self.bits, g, self.zero_offset, (out, n_in)), pieces)
+        return Stored(GPTQFormat(self.bits, g, self.zero_offset, (out, n_in), act_order), pieces)
 
 
 class Bnb4Scheme:
@@ -287,11 +292,8 @@ class Bnb4Scheme:
 
     def piece_nbytes(self, name: str) -> list[int]:
         keys = self.source.keys()
-        out = [math.prod(self.source.shape(name))]
-        for p in self.tensor_parts:
-            if f"{name}.{p}" in keys:
-                out.append(math.prod(self.source.shape(f"{name}.{p}")) * 4)  # absmax at most fp32
-        return out
+        return [_nbytes(self.source, name, torch.uint8)] + [_nbytes(self.source, f"{name}.{p}", torch.float32)
+                                                            for p in self.tensor_parts if f"{name}.{p}" in keys]
 
     def read(self, name: str, shape: tuple[int, ...]) -> Stored:
         st = self._state(name)

@@ -86,6 +86,7 @@ class SafetensorsSource:
 
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._nbytes: dict[str, int] = {}
         self._handles = {}
         self.file_metadata: dict[Path, dict[str, str]] = {}
         for path in files:
@@ -97,6 +98,7 @@ class SafetensorsSource:
                 if name != "__metadata__":
                     self._where[name] = path
                     self._shapes[name] = tuple(info["shape"])
+                    self._nbytes[name] = info["data_offsets"][1] - info["data_offsets"][0]
             try:
                 self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # noqa: BLE001 - the safetensors library's own checks, past ours
@@ -107,6 +109,9 @@ class SafetensorsSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def nbytes(self, name: str) -> int:
+        return self._nbytes[name]
 
     def where(self, name: str) -> str:
         return str(self._where[name])
