@@ -121,9 +121,11 @@ def stored_sizes(config: FamilyConfig, mapping: dict[str, str], scheme: Scheme |
 
 
 def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, str], dtype: torch.dtype,
-                progress: bool, desc: str, scheme: Scheme | None = None) -> Iterator[dict[str, Tensor | Stored]]:
+                progress: bool, desc: str, scheme: Scheme | None = None,
+                keep_stored: bool = True) -> Iterator[dict[str, Tensor | Stored]]:
     """Each layer's tensors on the CPU; the matrices ``scheme`` covers come as they are stored
-    (``Stored``: a quantized checkpoint's pieces, not dequantized). A layer's tensors are read (and GGUF
+    (``Stored``: a quantized checkpoint's pieces, not dequantized), or with ``keep_stored`` off,
+    dequantized here to ``dtype`` on the reading threads (a model that stays on the CPU). A layer's tensors are read (and GGUF
     blocks of other types dequantized, which numpy does with the GIL released) on a few threads; for GGUF
     the next layer's while the caller handles this one. The bar shows on a terminal only and leaves no line
     behind (load_model prints one summary)."""
@@ -132,7 +134,8 @@ def iter_layers(config: FamilyConfig, source: TensorSource, mapping: dict[str, s
     def read(i: int) -> dict:
         prefix = config.layer_prefix(i)
         names = list(config.layer_shapes().items())
-        return {k: pool.submit(_read_one, source, mapping[prefix + k], shape, dtype, scheme) for k, shape in names}
+        return {k: pool.submit(_read_one, source, mapping[prefix + k], shape, dtype, scheme, keep_stored)
+                for k, shape in names}
 
     workers = min(4, os.cpu_count() or 1)
     look_ahead = reads_ahead(source)
@@ -174,9 +177,10 @@ _libc = None
 
 
 def _read_one(source: TensorSource, src: str, shape: tuple[int, ...], dtype: torch.dtype,
-              scheme: Scheme | None) -> Tensor | Stored:
+              scheme: Scheme | None, keep_stored: bool = True) -> Tensor | Stored:
     if scheme is not None and len(shape) == 2 and scheme.covers(src):
-        return scheme.read(src, shape)
+        stored = scheme.read(src, shape)
+        return stored if keep_stored else stored.dense(dtype, "cpu")
     return _load_as(source, src, dtype)
 
 
@@ -230,8 +234,11 @@ def load_model(
     for n in config.global_shapes():
         globals_[n] = _load_as(source, mapping[n], dtype, device)
         release_freed_memory()
+    # kept as stored for a streamed model (its buffers hold the blocks) and for a GPU (which dequantizes
+    # faster); a model resident on the CPU is dequantized by the reading threads, several layers at a time
+    keep_stored = prepare is not None or device.type != "cpu"
     layers = layer_builder(config, iter_layers(config, source, mapping, dtype, progress, f"loading {resolved.name}",
-                                               scheme), device, dtype)
+                                               scheme, keep_stored), device, dtype)
     model = CausalLM(config, ModelWeights(globals_, layers), device, dtype)
     if progress:
         size = sum(f.stat().st_size for f in resolved.files if f.is_file())
