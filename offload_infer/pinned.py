@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import warnings
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 
 _warned = False
 PAGE = mmap.PAGESIZE
+HUGE_PAGES = os.environ.get("OFFLOAD_INFER_NO_HUGEPAGES", "") in ("", "0")
 
 
 def _cudart():
@@ -90,6 +92,11 @@ def pinned_empty(nbytes: int) -> tuple[Tensor, PinnedRegion | None]:
     # as already registered, and the tensor's storage then starts where the registration does
     span = -(-nbytes // PAGE) * PAGE
     pages = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE)  # private: counted as the process's anonymous memory
+    if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:  # transparent huge pages: far fewer pages for cudaHostRegister to fault in and pin
+            pages.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
     t = torch.frombuffer(pages, dtype=torch.uint8, count=nbytes)  # holds the mapping while it lives
     err = _register(t.data_ptr(), span)
     if err == 0:

@@ -179,8 +179,7 @@ _libc = None
 def _read_one(source: TensorSource, src: str, shape: tuple[int, ...], dtype: torch.dtype,
               scheme: Scheme | None, keep_stored: bool = True) -> Tensor | Stored:
     if scheme is not None and len(shape) == 2 and scheme.covers(src):
-        stored = scheme.read(src, shape)
-        return stored if keep_stored else stored.dense(dtype, "cpu")
+        return scheme.read(src, shape) if keep_stored else scheme.dense(src, shape, dtype)
     return _load_as(source, src, dtype)
 
 

@@ -45,6 +45,17 @@ class Scheme(Protocol):
 
     def read(self, name: str, shape: tuple[int, ...]) -> Stored: ...
 
+    def dense(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """The matrix dequantized on the CPU."""
+        ...
+
+
+class _Dense:
+    """The default ``dense``: read the pieces, dequantize them on the CPU."""
+
+    def dense(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return self.read(name, shape).dense(dtype, "cpu")  # type: ignore[attr-defined]
+
 
 def _nbytes(source: TensorSource, name: str, dtype: torch.dtype) -> int:
     """A tensor's stored bytes: from the file's header where it says (safetensors), else shape x ``dtype``."""
@@ -89,8 +100,11 @@ class GGUFScheme:
         block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][1]
         return Stored(GGUFFormat(kind, block_bytes, (shape[0], shape[1])), {"blocks": self.source.blocks(name)})
 
+    def dense(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return self.source.load(name, dtype)  # a chunk of blocks at a time: small temporaries
 
-class PackedScheme:
+
+class PackedScheme(_Dense):
     """This project's compressed safetensors: ``W.qdata`` (uint8) and ``W.scales`` (fp32) per matrix."""
 
     def __init__(self, source: TensorSource, meta: dict[str, str]) -> None:
@@ -126,7 +140,7 @@ def _base(name: str) -> str:
     return name[: -len(".weight")] if name.endswith(".weight") else name
 
 
-class _GroupScheme:
+class _GroupScheme(_Dense):
     """AWQ and GPTQ: ``qweight``/``qzeros``/``scales`` (+ GPTQ's ``g_idx``) beside where ``weight`` would be."""
 
     parts = ("qweight", "qzeros", "scales")
@@ -250,7 +264,7 @@ class GPTQScheme(_GroupScheme):
         return Stored(GPTQFormat(self.bits, g, self.zero_offset, (out, n_in), act_order), pieces)
 
 
-class Bnb4Scheme:
+class Bnb4Scheme(_Dense):
     """bitsandbytes ``Linear4bit`` serialization: ``W.weight`` packed, beside ``W.weight.absmax``,
     ``.quant_map``, optionally ``.nested_absmax``/``.nested_quant_map``, and
     ``.quant_state.bitsandbytes__nf4`` (or ``__fp4``): the rest of the state as JSON bytes."""
@@ -307,7 +321,7 @@ class Bnb4Scheme:
         return Stored(fmt, pieces)
 
 
-class Bnb8Scheme:
+class Bnb8Scheme(_Dense):
     """bitsandbytes ``Linear8bitLt`` serialization: ``W.weight`` int8 and ``W.SCB`` (fp32 row absmax)."""
 
     def __init__(self, source: TensorSource, where: str) -> None:
