@@ -113,13 +113,32 @@ class GGUFFile:
         except UnicodeDecodeError as e:
             raise GGUFFormatError(f"{self.path}: a metadata string is not UTF-8 ({e})") from None
 
+    def _strings(self, count: int) -> list[str]:
+        """An array of strings (a vocabulary: 10^5 of them), parsed in one tight loop."""
+        buf, pos, end = self._buf, self._pos, len(self._buf)
+        unpack = struct.Struct("<Q").unpack_from
+        out = []
+        try:
+            for _ in range(count):
+                if pos + 8 > end:
+                    raise GGUFFormatError(f"{self.path}: the metadata runs past the end of the file (truncated?)")
+                (n,) = unpack(buf, pos)
+                if pos + 8 + n > end:
+                    raise GGUFFormatError(f"{self.path}: the metadata runs past the end of the file (truncated?)")
+                out.append(str(buf[pos + 8 : pos + 8 + n], "utf-8"))
+                pos += 8 + n
+        except UnicodeDecodeError as e:
+            raise GGUFFormatError(f"{self.path}: a metadata string is not UTF-8 ({e})") from None
+        self._pos = pos
+        return out
+
     def _value(self, kind: int):
         if kind == _STRING:
             return self._string()
         if kind == _ARRAY:
             item, count = self._scalar(4), self._scalar(10)
             if item == _STRING:
-                return [self._string() for _ in range(count)]
+                return self._strings(count)
             if item == _ARRAY:
                 return [self._value(_ARRAY) for _ in range(count)]
             dtype = np.dtype(_NUMPY.get(item) or self._unknown(item))
