@@ -20,9 +20,16 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from quant import gguf_blocks, int4_groups, triton_kernels
+from quant import gguf_blocks, int4_groups
 from quant.codecs import QuantState, dequantize
 from quant.kernels import device_kernel, use_triton
+
+
+def _triton():
+    """quant/triton_kernels.py, imported on first use on a GPU (importing Triton takes ~0.15 s)."""
+    from quant import triton_kernels
+
+    return triton_kernels
 
 
 class Format(Protocol):
@@ -136,8 +143,8 @@ class GGUFFormat:
 
     def dequantize(self, pieces: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
         blocks = pieces["blocks"]
-        if use_triton(blocks) and self.type_name in triton_kernels.GGUF_TYPES:
-            return triton_kernels.gguf(blocks.contiguous(), self.type_name, self.block_bytes, self.shape[0], dtype)
+        if use_triton(blocks) and self.type_name in _triton().GGUF_TYPES:
+            return _triton().gguf(blocks.contiguous(), self.type_name, self.block_bytes, self.shape[0], dtype)
         return device_kernel(_GGUF_KERNELS[self.type_name], blocks)(blocks, self.block_bytes, self.shape[0], dtype)
 
     def describe(self) -> str:
@@ -158,7 +165,7 @@ class AWQFormat:
     def dequantize(self, pieces: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
         p = pieces
         if use_triton(p["qweight"]):
-            return triton_kernels.awq(p["qweight"].contiguous(), p["qzeros"].contiguous(), p["scales"].contiguous(),
+            return _triton().awq(p["qweight"].contiguous(), p["qzeros"].contiguous(), p["scales"].contiguous(),
                                       self.group, dtype)
         return device_kernel(_awq_as, p["qweight"])(p["qweight"], p["qzeros"], p["scales"], self.group, dtype)
 
@@ -185,7 +192,7 @@ class GPTQFormat:
         p = {k: v for k, v in pieces.items() if k != "g_idx" or self.act_order}
         if use_triton(p["qweight"]):
             g = p.get("g_idx")
-            return triton_kernels.gptq(p["qweight"].contiguous(), p["qzeros"].contiguous(), p["scales"].contiguous(),
+            return _triton().gptq(p["qweight"].contiguous(), p["qzeros"].contiguous(), p["scales"].contiguous(),
                                        g.contiguous() if g is not None else None, self.bits, self.group,
                                        self.zero_offset, dtype)
         return device_kernel(_gptq_as, p["qweight"])(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), self.bits,

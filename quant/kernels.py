@@ -26,9 +26,11 @@ def eager_only() -> bool:
 
 def use_triton(like: Tensor) -> bool:
     """Whether the hand-written Triton kernels (triton_kernels.py) dequantize tensors on ``like``'s device."""
+    if like.device.type != "cuda" or eager_only():
+        return False
     from quant import triton_kernels
 
-    return like.device.type == "cuda" and not eager_only() and triton_kernels.available()
+    return triton_kernels.available()
 
 
 def device_kernel(fn: F, like: Tensor) -> F:
