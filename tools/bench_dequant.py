@@ -1,4 +1,4 @@
-"""GPU dequantization time of one matrix per stored format, eager against torch.compile'd kernels.
+"""GPU dequantization time of one matrix per stored format: PyTorch ops against the Triton kernels.
 
     PYTHONPATH=. python tools/bench_dequant.py [--rows 11008 --cols 4096] [--runs 20]
 
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=11008)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--modes", default="eager,kernels", help="eager: PyTorch ops; kernels: Triton where written, else torch.compile")
+    ap.add_argument("--modes", default="eager,kernels", help="eager: PyTorch ops; kernels: quant/triton_kernels.py")
     args = ap.parse_args()
     cases = {"Q4_K": ("mlp.up_proj.weight", "q4_k_m", 10), "Q6_K": ("mlp.down_proj.weight", "q4_k_m", 0),
              "awq g128": ("mlp.up_proj.weight", "awq", 0), "gptq g128": ("mlp.up_proj.weight", "gptq", 0)}

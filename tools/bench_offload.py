@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp16,int8,int4", help="fp16, int8, int4 (NF4), and as stored by a "
                     "checkpoint: q4_k_m (GGUF blocks), awq, gptq (int4 group 128)")
     ap.add_argument("--dequant", default="kernels", help="stored formats' GPU dequantization: kernels (Triton, "
-                    "hand-written or from torch.compile), eager (PyTorch ops), or both")
+                    "quant/triton_kernels.py), eager (PyTorch ops), or both")
     ap.add_argument("--trees", default="1,16,64,256,1024")
     ap.add_argument("--reserve", default="4G")
     ap.add_argument("--ring", type=int, default=2)
