@@ -401,19 +401,22 @@ class OffloadBuilder:
         pending = {}
         if ahead is not None and streamed:
             pending[streamed[0]] = ahead.submit(host_buffer, plan.packed_bytes_of(streamed[0]), True, self.pin_allocator)
-        for i, w in enumerate(layers):
-            if self.requantize:
-                w = {k: t.dense(dtype, qdev) if isinstance(t, Stored) else t for k, t in w.items()}
-            if i in plan.resident_layers and not plan.resident_compressed:
-                resident[i] = dense_layer(w, device, dtype)
-            elif i in plan.resident_layers:
-                resident[i] = pack_layer(w, plan.codec, plan.block_size, qdev, False, device=device)
-            else:
-                ready = pending.pop(i).result() if i in pending else None
-                nxt = next((j for j in streamed if j > i), None)
-                if ahead is not None and nxt is not None:
-                    pending[nxt] = ahead.submit(host_buffer, plan.packed_bytes_of(nxt), True, self.pin_allocator)
-                packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, self.pin_allocator, ready=ready)
-        if ahead is not None:
-            ahead.shutdown()
+        try:
+            for i, w in enumerate(layers):
+                if self.requantize:
+                    w = {k: t.dense(dtype, qdev) if isinstance(t, Stored) else t for k, t in w.items()}
+                if i in plan.resident_layers and not plan.resident_compressed:
+                    resident[i] = dense_layer(w, device, dtype)
+                elif i in plan.resident_layers:
+                    resident[i] = pack_layer(w, plan.codec, plan.block_size, qdev, False, device=device)
+                else:
+                    ready = pending.pop(i).result() if i in pending else None
+                    nxt = next((j for j in streamed if j > i), None)
+                    if ahead is not None and nxt is not None:
+                        pending[nxt] = ahead.submit(host_buffer, plan.packed_bytes_of(nxt), True, self.pin_allocator)
+                    packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, self.pin_allocator,
+                                           ready=ready)
+        finally:  # a load that fails part way leaves no thread behind (buffers made ahead are freed with it)
+            if ahead is not None:
+                ahead.shutdown(wait=True, cancel_futures=True)
         return StreamedLayers(config.n_layers, resident, packed, device, dtype, plan.ring_slots)

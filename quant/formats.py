@@ -51,7 +51,7 @@ def pread_into(path: str | os.PathLike, offset: int, out: Tensor) -> None:
         while done < len(view):
             n = os.preadv(fd, [view[done : done + (64 << 20)]], offset + done)
             if n <= 0:
-                raise EOFError(f"{path}: the file ends at {offset + done} bytes, before a tensor does (truncated?)")
+                raise OSError(f"{path}: the file ends at {offset + done} bytes, before a tensor does (truncated?)")
             done += n
     finally:
         os.close(fd)

@@ -354,6 +354,34 @@ def test_quantized_checkpoint_matches_its_dequantized_twin(tiny_dirs, tmp_path, 
     torch.testing.assert_close(_logits(streamed), ref, **tol)
 
 
+def test_compress_converts_a_quantized_checkpoint_like_its_dequantized_twin(tiny_dirs, tmp_path):
+    from weights.compress import compress
+
+    qdir, twin = _quantized_pair(tiny_dirs["llama"][0], tmp_path, "gptq-act")
+    a = compress(resolve(str(qdir)), tmp_path / "a", "nf4", dtype=torch.float32, progress=False)
+    b = compress(resolve(str(twin)), tmp_path / "b", "nf4", dtype=torch.float32, progress=False)
+    assert torch.equal(_logits(load_model(resolve(str(a)), progress=False).model),
+                       _logits(load_model(resolve(str(b)), progress=False).model))
+
+
+def test_a_gguf_cut_short_after_opening_is_a_clear_error(tiny_gguf, tmp_path):
+    """The reader checks every tensor against the file's size when it opens it; a file that shrinks
+    afterwards (being rewritten) fails with the file named, not with a traceback from a reading thread."""
+    import shutil
+
+    from weights.load import open_source
+
+    path = tmp_path / "t.gguf"
+    shutil.copy(tiny_gguf / "tiny.gguf", path)
+    source, _ = open_source(resolve(str(path)))
+    name = "model.layers.1.mlp.down_proj.weight"
+    piece = source.blocks(name)
+    with open(path, "r+b") as f:
+        f.truncate(piece.offset + 10)
+    with pytest.raises(OSError, match="ends at .* before a tensor does"):
+        piece.read()
+
+
 @pytest.mark.parametrize("qcfg, match", [
     ({"quant_method": "awq", "bits": 4, "group_size": 16, "version": "gemv"}, "gemm"),
     ({"quant_method": "awq", "bits": 3, "group_size": 16}, "3 bits"),

@@ -267,7 +267,7 @@ class GGUFSource:
     def _read(self, piece: FileSlice, name: str) -> Tensor:
         try:
             return piece.read()
-        except EOFError as e:
+        except OSError as e:
             raise CheckpointError(f"{self.where(name)}: {e}") from None
 
     def nbytes(self, name: str) -> int:
