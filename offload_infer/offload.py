@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -363,6 +364,7 @@ class OffloadBuilder:
         self.ring_slots, self.kv_bytes, self.pin, self.verbose = ring_slots, kv_bytes, pin, verbose
         self.plan: OffloadPlan | None = None
         self.footprint: Footprint | None = None  # what the pre-flight counted
+        self.pin_wait_s = 0.0  # building: time spent waiting for a streamed layer's buffer to be pinned
 
     def prepare(self, config: FamilyConfig, device: torch.device, dtype: torch.dtype,
                 stored: list[dict[str, list[int]]] | None = None, staged_layers: int = 1) -> OffloadPlan:
@@ -410,7 +412,9 @@ class OffloadBuilder:
                 elif i in plan.resident_layers:
                     resident[i] = pack_layer(w, plan.codec, plan.block_size, qdev, False, device=device)
                 else:
+                    t = time.perf_counter()
                     ready = pending.pop(i).result() if i in pending else None
+                    self.pin_wait_s += time.perf_counter() - t
                     nxt = next((j for j in streamed if j > i), None)
                     if ahead is not None and nxt is not None:
                         pending[nxt] = ahead.submit(host_buffer, plan.packed_bytes_of(nxt), True, self.pin_allocator)

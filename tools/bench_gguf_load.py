@@ -119,6 +119,8 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         loads.append(time.perf_counter() - t0)
+        phases = {**loaded.phases, "of which waiting for pinned buffers": builder.pin_wait_s}
+        print("load phases, s: " + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()), flush=True)
         plan = builder.plan
         del loaded
         gc.collect()

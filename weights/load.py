@@ -13,7 +13,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None  # None when the checkpoint carries none and none was given
     config_dict: dict  # config.json (or its GGUF equivalent), as read
     name: str
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: open and plan, tokenizer, globals, layers
 
 
 def open_source(resolved: ResolvedModel) -> tuple[TensorSource, dict]:
@@ -225,7 +226,9 @@ def load_model(
     prepare = getattr(layer_builder, "prepare", None)
     if prepare is not None:  # plan (and check memory) before anything large is allocated
         prepare(config, device, dtype, stored_sizes(config, mapping, scheme), staged_layers=2 if reads_ahead(source) else 1)
+    stamps = [time.perf_counter()]
     tokenizer = load_tokenizer_for(resolved, source, cfg)  # checked before any weight is read
+    stamps.append(time.perf_counter())
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{resolved.name}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                               f"embeddings only {config.vocab_size} rows: they do not belong together")
@@ -233,14 +236,17 @@ def load_model(
     for n in config.global_shapes():
         globals_[n] = _load_as(source, mapping[n], dtype, device)
         release_freed_memory()
+    stamps.append(time.perf_counter())
     # kept as stored for a streamed model (its buffers hold the blocks) and for a GPU (which dequantizes
     # faster); a model resident on the CPU is dequantized by the reading threads, several layers at a time
     keep_stored = prepare is not None or device.type != "cpu"
     layers = layer_builder(config, iter_layers(config, source, mapping, dtype, progress, f"loading {resolved.name}",
                                                scheme, keep_stored), device, dtype)
     model = CausalLM(config, ModelWeights(globals_, layers), device, dtype)
+    stamps.append(time.perf_counter())
+    phases = dict(zip(("open and plan", "tokenizer", "globals", "layers"), [b - a for a, b in zip([t0, *stamps], stamps)]))
     if progress:
         size = sum(f.stat().st_size for f in resolved.files if f.is_file())
         print(f"loaded {resolved.name} ({config.n_layers} layers, {size / 1e9:.2f} GB on disk) to {device} "
               f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return LoadedModel(model, tokenizer, cfg, resolved.name)
+    return LoadedModel(model, tokenizer, cfg, resolved.name, phases)
