@@ -398,6 +398,23 @@ def test_unsupported_quantization_configs_are_clear_errors(tiny_dirs, tmp_path, 
         load_model(resolve(str(qdir)), progress=False)
 
 
+def test_zero_biases_of_quantized_linears_are_accepted_and_others_refused(tiny_dirs, tmp_path):
+    """AutoGPTQ writes a bias for every quantized Linear, zeros where the model has none."""
+    from safetensors.torch import load_file
+
+    qdir, twin = _quantized_pair(tiny_dirs["llama"][0], tmp_path, "gptq")
+    t = load_file(qdir / "model.safetensors")
+    for k in [k for k in t if k.endswith(".qweight")]:
+        t[k[: -len(".qweight")] + ".bias"] = torch.zeros(t[k].shape[1], dtype=torch.float16)
+    save_file(t, qdir / "model.safetensors")
+    torch.testing.assert_close(_logits(load_model(resolve(str(qdir)), progress=False).model),
+                               _logits(load_model(resolve(str(twin)), progress=False).model))
+    t["model.layers.0.mlp.up_proj.bias"][3] = 1.0
+    save_file(t, qdir / "model.safetensors")
+    with pytest.raises(CheckpointError, match="does not use: model.layers.0.mlp.up_proj.bias"):
+        load_model(resolve(str(qdir)), progress=False)
+
+
 def test_mismatched_quantized_shapes_are_clear_errors(tiny_dirs, tmp_path):
     from safetensors.torch import load_file
 

@@ -101,7 +101,7 @@ def plan_names(config: FamilyConfig, source: TensorSource, scheme: Scheme | None
         raise CheckpointError(f"checkpoint is missing tensors: {', '.join(missing[:5])}{more}")
     used |= set(mapping.values())
     tied_head = {"lm_head.weight", "decoder.lm_head.weight"} if config.tie_word_embeddings else set()
-    unexpected = sorted(n for n in available - used - tied_head if not _IGNORED.match(n))
+    unexpected = sorted(n for n in available - used - tied_head if not _IGNORED.match(n) and not _zero_bias(source, n))
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise CheckpointError(
@@ -109,6 +109,13 @@ def plan_names(config: FamilyConfig, source: TensorSource, scheme: Scheme | None
             f"{', '.join(unexpected[:5])}{more} (first in {source.where(unexpected[0])})"
         )
     return mapping
+
+
+def _zero_bias(source: TensorSource, name: str) -> bool:
+    """AutoGPTQ and AutoAWQ write a bias for every quantized Linear, zeros where the model has none: those
+    are not unexpected (a nonzero one is, and is refused)."""
+    base = name[: -len(".bias")]
+    return name.endswith(".bias") and base + ".qweight" in source.keys() and not bool(source.load(name).any())
 
 
 def stored_sizes(config: FamilyConfig, mapping: dict[str, str], scheme: Scheme | None) -> list[dict[str, list[int]]]:
