@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from offload_infer.models import config_from_dict
 from offload_infer.offload import OffloadBuilder, make_plan
 from quant.formats import AWQFormat, GPTQFormat
 from quant.int4_groups import AWQ_ORDER
@@ -128,16 +127,11 @@ def _gguf_twin(gguf_path, out) -> None:
 
 def _streaming_builder(path, stored=True) -> OffloadBuilder:
     """A builder whose reserve holds the globals and a ring of one slot: every layer streams."""
-    from weights.load import open_source, plan_names, stored_sizes
-    from weights.compress import compression_of
-    from weights.quantized import scheme_for
+    from weights.load import read_config, read_stored_sizes
 
     r = resolve(str(path))
-    source, cfg = open_source(r)
-    config = config_from_dict(cfg)
-    scheme = scheme_for(source, cfg, compression_of(source), r.name)
-    sizes = stored_sizes(config, plan_names(config, source, scheme), scheme) if stored else None
-    p = make_plan(config, torch.float32, 2**40, None, stored=sizes)
+    config = read_config(r)
+    p = make_plan(config, torch.float32, 2**40, None, stored=read_stored_sizes(r, config) if stored else None)
     return OffloadBuilder(p.global_bytes + p.packed_layer_bytes, ring_slots=1, verbose=False)
 
 
@@ -367,7 +361,6 @@ def test_compress_converts_a_quantized_checkpoint_like_its_dequantized_twin(tiny
 def test_a_gguf_cut_short_after_opening_is_a_clear_error(tiny_gguf, tmp_path):
     """The reader checks every tensor against the file's size when it opens it; a file that shrinks
     afterwards (being rewritten) fails with the file named, not with a traceback from a reading thread."""
-    import shutil
 
     from weights.load import open_source
 

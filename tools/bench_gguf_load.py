@@ -30,10 +30,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from random_models import SHAPES, q4_k_m_type  # noqa: E402
 
-_HF_TO_GGUF = {"self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
-               "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
-               "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down",
-               "input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm"}
+from weights.sources import _GGUF_LAYER  # noqa: E402
+
+_HF_TO_GGUF = {f"{hf}.weight": name for name, hf in _GGUF_LAYER.items()}
 
 
 def write_gguf(path: Path, shape: dict) -> None:

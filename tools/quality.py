@@ -33,16 +33,6 @@ def perplexity(model, ids: list[int], window: int) -> float:
     return math.exp(nll / count)
 
 
-def _stored_sizes(resolved, config) -> list[dict[str, list[int]]]:
-    from weights.compress import compression_of
-    from weights.load import open_source, plan_names, stored_sizes
-    from weights.quantized import scheme_for
-
-    source, cfg = open_source(resolved)
-    scheme = scheme_for(source, cfg, compression_of(source), resolved.name)
-    return stored_sizes(config, plan_names(config, source, scheme), scheme)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="demo,qwen-1.5b")
@@ -53,9 +43,8 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     from offload_infer.offload import OffloadBuilder, make_plan
-    from weights.load import load_model, open_source
+    from weights.load import load_model, read_config, read_stored_sizes
     from weights.resolve import resolve
-    from offload_infer.models import config_from_dict
 
     text = TEXT.read_text(encoding="utf-8")
     print(f"text: {TEXT.name}, {len(text)} characters")
@@ -67,10 +56,10 @@ def main() -> None:
         ref = perplexity(base.model, ids, args.window)
         print(f"{name:<16} {'fp32':<10} {len(ids):>7} {ref:>11.4f} {'':>8}", flush=True)
         del base
-        config = config_from_dict(open_source(r)[1])
+        config = read_config(r)
         for codec in args.codecs.split(","):
             if codec == "stored":  # the checkpoint's own quantized matrices, streamed as they are
-                plan = make_plan(config, torch.float32, 1 << 40, None, args.block_size, stored=_stored_sizes(r, config))
+                plan = make_plan(config, torch.float32, 1 << 40, None, args.block_size, stored=read_stored_sizes(r, config))
                 builder = OffloadBuilder(plan.global_bytes + 2 * plan.packed_layer_bytes, None, verbose=False)
             else:  # re-quantized, as --requantize (or --4bit/--8bit on an unquantized checkpoint) does
                 plan = make_plan(config, torch.float32, 1 << 40, codec, args.block_size)

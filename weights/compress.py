@@ -100,7 +100,7 @@ def _compress_into(out: Path, resolved: ResolvedModel, codec: str, block_size: i
     from weights.quantized import PackedScheme, scheme_for
 
     source, cfg = open_source(resolved)
-    scheme = scheme_for(source, cfg, compression_of(source), resolved.name)
+    scheme = scheme_for(source, cfg, resolved.name)
     if isinstance(scheme, PackedScheme):
         raise CheckpointError(f"{resolved.name} is already compressed")
     config = config_from_dict(cfg, model_type)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import re
 import os
 import sys
@@ -22,7 +21,6 @@ from torch import Tensor
 from offload_infer.models import CausalLM, FamilyConfig, ModelWeights, ResidentLayers, config_from_dict
 from offload_infer.models.base import LayerSource, dense_layer
 from quant.formats import Stored
-from weights.compress import compression_of
 from weights.quantized import Scheme, scheme_for
 from weights.resolve import ResolvedModel
 from weights.sources import CheckpointError, GGUFSource, SafetensorsSource, TensorSource, TorchBinSource, gguf_config
@@ -65,6 +63,13 @@ def open_source(resolved: ResolvedModel) -> tuple[TensorSource, dict]:
 def read_config(resolved: ResolvedModel, model_type: str | None = None) -> FamilyConfig:
     """A checkpoint's model configuration alone (config.json or the GGUF header; no tensor is read)."""
     return config_from_dict(open_source(resolved)[1], model_type)
+
+
+def read_stored_sizes(resolved: ResolvedModel, config: FamilyConfig) -> list[dict[str, list[int]]]:
+    """A checkpoint's ``stored_sizes`` (what ``make_plan`` needs to plan it as stored), read from its headers."""
+    source, cfg = open_source(resolved)
+    scheme = scheme_for(source, cfg, resolved.name)
+    return stored_sizes(config, plan_names(config, source, scheme), scheme)
 
 
 def plan_names(config: FamilyConfig, source: TensorSource, scheme: Scheme | None = None) -> dict[str, str]:
@@ -228,7 +233,7 @@ def load_model(
     t0 = time.perf_counter()
     source, cfg = open_source(resolved)
     config = config_from_dict(cfg, model_type)
-    scheme = scheme_for(source, cfg, compression_of(source), resolved.name)
+    scheme = scheme_for(source, cfg, resolved.name)
     mapping = plan_names(config, source, scheme)
     prepare = getattr(layer_builder, "prepare", None)
     if prepare is not None:  # plan (and check memory) before anything large is allocated

@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 
 from quant.codecs import CODECS, QuantState, packed_nbytes
+from quant.gguf_blocks import DEQUANTIZE
 from quant.formats import (AWQFormat, Bnb4Format, Bnb8Format, CodecFormat, GGUFFormat, GPTQFormat, Stored)
+from weights.compress import compression_of
 from weights.sources import CheckpointError, GGUFSource, TensorSource
 
 _SIZES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4, torch.int32: 4, torch.uint8: 1, torch.int8: 1}
@@ -71,15 +73,14 @@ class GGUFScheme:
         self._noted: set[str] = set()
 
     def covers(self, name: str) -> bool:
-        t = self.source._tensors.get(name)
-        if t is None or len(t.shape) != 2:
+        kind = self.source.matrix_type(name)
+        if kind is None:
             return False
-        kind = self.source.stored_type(name)
-        if kind is None and t.tensor_type.name not in ("F32", "F16", "BF16") and t.tensor_type.name not in self._noted:
-            self._noted.add(t.tensor_type.name)
-            print(f"note: GGUF type {t.tensor_type.name} is dequantized at load (streamed as stored: Q4_0, Q4_1, "
+        if kind not in DEQUANTIZE and kind not in ("F32", "F16", "BF16") and kind not in self._noted:
+            self._noted.add(kind)
+            print(f"note: GGUF type {kind} is dequantized at load (streamed as stored: Q4_0, Q4_1, "
                   "Q5_0, Q8_0, Q4_K, Q5_K, Q6_K)", file=sys.stderr)
-        return kind is not None
+        return kind in DEQUANTIZE
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         if tuple(self.source.shape(name)) != tuple(shape):
@@ -95,8 +96,8 @@ class GGUFScheme:
     def read(self, name: str, shape: tuple[int, ...]) -> Stored:
         import gguf
 
-        kind = self.source.stored_type(name)
-        assert kind is not None
+        kind = self.source.matrix_type(name)
+        assert kind in DEQUANTIZE
         block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][1]
         return Stored(GGUFFormat(kind, block_bytes, (shape[0], shape[1])), {"blocks": self.source.blocks(name)})
 
@@ -347,10 +348,11 @@ class Bnb8Scheme(_Dense):
                       {"weight": self.source.load(name).view(torch.int8), "SCB": self.source.load(_base(name) + ".SCB").float()})
 
 
-def scheme_for(source: TensorSource, cfg: dict, packed_meta: dict[str, str] | None, where: str) -> Scheme | None:
+def scheme_for(source: TensorSource, cfg: dict, where: str) -> Scheme | None:
     """How a checkpoint keeps its matrices compressed (None: it does not)."""
     if isinstance(source, GGUFSource):
         return GGUFScheme(source)
+    packed_meta = compression_of(source)
     if packed_meta is not None:
         return PackedScheme(source, packed_meta)
     qcfg = cfg.get("quantization_config")

@@ -7,7 +7,6 @@ from its header before any tensor is read) and names the file in every error.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +24,7 @@ class CheckpointError(ValueError):
 
 
 class TensorSource(Protocol):
-    def keys(self) -> set[str]: ...
+    def keys(self) -> frozenset[str]: ...
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
@@ -103,9 +102,10 @@ class SafetensorsSource:
                 self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # noqa: BLE001 - the safetensors library's own checks, past ours
                 raise CheckpointError(f"{path}: corrupt safetensors file ({type(e).__name__}: {e})") from None
+        self._keys = frozenset(self._where)  # asked for once per tensor while planning: made once
 
-    def keys(self) -> set[str]:
-        return set(self._where)
+    def keys(self) -> frozenset[str]:
+        return self._keys
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
@@ -137,9 +137,10 @@ class TorchBinSource:
             for name, t in sd.items():
                 self._tensors[name] = t
                 self._where[name] = path
+        self._keys = frozenset(self._tensors)
 
-    def keys(self) -> set[str]:
-        return set(self._tensors)
+    def keys(self) -> frozenset[str]:
+        return self._keys
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
@@ -194,6 +195,7 @@ class GGUFSource:
         self._tensors = {}
         for t in self.reader.tensors:
             self._tensors[self._hf_name(t.name)] = t
+        self._keys = frozenset(self._tensors)
 
     @staticmethod
     def _hf_name(name: str) -> str:
@@ -204,8 +206,8 @@ class GGUFSource:
             return f"{_GGUF_GLOBAL[parts[0]]}.{parts[1]}"
         return name
 
-    def keys(self) -> set[str]:
-        return set(self._tensors)
+    def keys(self) -> frozenset[str]:
+        return self._keys
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in reversed(self._tensors[name].shape))
@@ -226,32 +228,31 @@ class GGUFSource:
             kind = torch.float32 if t.tensor_type.name == "F32" else torch.float16
             w = self._read(FileSlice(str(self.path), t.offset, int(t.data.nbytes), kind, self.shape(name)), name)
             w = w.to(device=device, dtype=dtype)
-            if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-                w = _unpermute_rows(w, self.n_head if ".q_proj." in name else self.n_kv)
-            return w
-        try:
-            w = dequantize_torch(t.data, t.tensor_type.name, gguf.GGML_QUANT_SIZES[t.tensor_type][1], self.shape(name),
-                                 dtype, device)
-            if w is None:  # a type quant/gguf_blocks.py does not handle: the gguf package's numpy code
-                arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-                if not arr.flags.writeable or not arr.flags.c_contiguous:  # memory-mapped: copy out of the file
-                    arr = arr.copy(order="C")
-                w = torch.from_numpy(arr).reshape(self.shape(name))
-        except Exception as e:
-            raise CheckpointError(f"{self.where(name)}: cannot dequantize {t.tensor_type.name}: {e}") from None
-        if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            heads = self.n_head if ".q_proj." in name else self.n_kv
-            w = _unpermute_rows(w, heads)
-        return w.to(device)
+        else:
+            try:
+                w = dequantize_torch(t.data, t.tensor_type.name, gguf.GGML_QUANT_SIZES[t.tensor_type][1],
+                                     self.shape(name), dtype, device)
+                if w is None:  # a type quant/gguf_blocks.py does not handle: the gguf package's numpy code
+                    arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+                    if not arr.flags.writeable or not arr.flags.c_contiguous:  # memory-mapped: copy out of the file
+                        arr = arr.copy(order="C")
+                    w = torch.from_numpy(arr).reshape(self.shape(name))
+            except Exception as e:
+                raise CheckpointError(f"{self.where(name)}: cannot dequantize {t.tensor_type.name}: {e}") from None
+        return self._hf_rows(w, name).to(device)
 
+    def _permuted(self, name: str) -> bool:
+        """Whether llama.cpp stored the tensor's rows permuted (LLaMA's attn_q and attn_k)."""
+        return self.arch == "llama" and (".q_proj." in name or ".k_proj." in name)
 
-    def stored_type(self, name: str) -> str | None:
-        """The block type of a matrix that can stay as stored (``quant/gguf_blocks.py`` dequantizes it on
-        any device), else None."""
-        from quant.gguf_blocks import DEQUANTIZE
+    def _hf_rows(self, w: Tensor, name: str) -> Tensor:
+        """``w``'s rows in Hugging Face order."""
+        return _unpermute_rows(w, self.n_head if ".q_proj." in name else self.n_kv) if self._permuted(name) else w
 
+    def matrix_type(self, name: str) -> str | None:
+        """The GGUF type name of a 2-D tensor (None: no such matrix)."""
         t = self._tensors.get(name)
-        return t.tensor_type.name if t is not None and len(t.shape) == 2 and t.tensor_type.name in DEQUANTIZE else None
+        return t.tensor_type.name if t is not None and len(t.shape) == 2 else None
 
     def blocks(self, name: str) -> Tensor | FileSlice:
         """A matrix's blocks as stored, uint8 ``[rows, bytes per row]``, rows in Hugging Face order: a
@@ -260,9 +261,7 @@ class GGUFSource:
         t = self._tensors[name]
         rows = int(t.shape[1])
         piece = FileSlice(str(self.path), t.offset, int(t.data.nbytes), torch.uint8, (rows, int(t.data.nbytes) // rows))
-        if self.arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            return _unpermute_rows(self._read(piece, name), self.n_head if ".q_proj." in name else self.n_kv)
-        return piece
+        return self._hf_rows(self._read(piece, name), name) if self._permuted(name) else piece
 
     def _read(self, piece: FileSlice, name: str) -> Tensor:
         try:
