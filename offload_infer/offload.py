@@ -24,7 +24,7 @@ from torch import Tensor
 from offload_infer.memory import (Footprint, OffloadPlanError, check_footprint,  # noqa: F401 (OffloadPlanError: re-export)
                                   kv_pool_bytes, layer_source_bytes)
 from offload_infer.models.base import FamilyConfig, dense_layer
-from offload_infer.pinned import PinnedRegion, caching_pinned_empty, pinned_empty
+from offload_infer.pinned import PinnedRegion, caching_pinned_empty, host_pages, pin as pin_pages, pinned_empty
 from quant.codecs import load_backend, packed_nbytes, quantize
 from quant.formats import FileSlice, Format, Stored, codec_stored, piece_nbytes
 
@@ -245,7 +245,7 @@ def pack_layer(weights: dict[str, Tensor | Stored], codec: str | None, block_siz
     if device is not None and device.type != "cpu":
         buf, region = torch.empty(max(offset, ALIGN), dtype=torch.uint8, device=device), None
     elif ready is not None and ready[0].numel() == max(offset, ALIGN):
-        buf, region = ready  # allocated (and pinned) ahead, while the previous layer was read
+        buf, region = ready  # made for it by the caller (pinned after the read)
     else:
         buf, region = host_buffer(max(offset, ALIGN), pin, allocator)
     pieces = [p for e in entries for p in e.pieces]
@@ -262,6 +262,7 @@ def pack_layer(weights: dict[str, Tensor | Stored], codec: str | None, block_siz
 
 
 _pool: ThreadPoolExecutor | None = None
+PIN_THREADS = 2  # threads registering layer buffers with CUDA while the next layers are read
 
 
 def _readers() -> ThreadPoolExecutor:
@@ -364,7 +365,7 @@ class OffloadBuilder:
         self.ring_slots, self.kv_bytes, self.pin, self.verbose = ring_slots, kv_bytes, pin, verbose
         self.plan: OffloadPlan | None = None
         self.footprint: Footprint | None = None  # what the pre-flight counted
-        self.pin_wait_s = 0.0  # building: time spent waiting for a streamed layer's buffer to be pinned
+        self.pin_wait_s = 0.0  # building: time spent, after the last read, waiting for buffers to be pinned
 
     def prepare(self, config: FamilyConfig, device: torch.device, dtype: torch.dtype,
                 stored: list[dict[str, list[int]]] | None = None, staged_layers: int = 1) -> OffloadPlan:
@@ -396,13 +397,14 @@ class OffloadBuilder:
         resident: dict[int, dict[str, Tensor] | PackedLayer] = {}
         packed: dict[int, PackedLayer] = {}
         qdev = device if device.type == "cuda" else torch.device("cpu")
-        # on CUDA, pinning a buffer (cudaHostRegister) costs about as much as reading its bytes: the next
-        # streamed layer's buffer is allocated and pinned on a thread while this one is read
-        ahead = ThreadPoolExecutor(1, thread_name_prefix="offload-pin") if device.type == "cuda" and self.pin else None
-        streamed = [i for i in range(config.n_layers) if i not in plan.resident_layers]
-        pending = {}
-        if ahead is not None and streamed:
-            pending[streamed[0]] = ahead.submit(host_buffer, plan.packed_bytes_of(streamed[0]), True, self.pin_allocator)
+        # on CUDA, pinning a buffer (cudaHostRegister) costs about as much as reading its bytes: each
+        # buffer is read first (its pages faulted in by the reading threads, huge pages advised), then
+        # pinned on a thread while the next layers are read (H200, 7B Q4_K_M: 1.28-1.49x the read's time,
+        # against 1.54-1.76x pinning each buffer ahead of its read). PyTorch's caching allocator
+        # (benchmarks only) hands out buffers pinned already.
+        pool = ThreadPoolExecutor(PIN_THREADS, thread_name_prefix="offload-pin") if device.type == "cuda" and self.pin \
+            and self.pin_allocator == "registered" else None
+        pinning = {}
         try:
             for i, w in enumerate(layers):
                 if self.requantize:
@@ -411,16 +413,17 @@ class OffloadBuilder:
                     resident[i] = dense_layer(w, device, dtype)
                 elif i in plan.resident_layers:
                     resident[i] = pack_layer(w, plan.codec, plan.block_size, qdev, False, device=device)
+                elif pool is not None:
+                    packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, False,
+                                           ready=(host_pages(plan.packed_bytes_of(i)), None))
+                    pinning[i] = pool.submit(pin_pages, packed[i].buffer)
                 else:
-                    t = time.perf_counter()
-                    ready = pending.pop(i).result() if i in pending else None
-                    self.pin_wait_s += time.perf_counter() - t
-                    nxt = next((j for j in streamed if j > i), None)
-                    if ahead is not None and nxt is not None:
-                        pending[nxt] = ahead.submit(host_buffer, plan.packed_bytes_of(nxt), True, self.pin_allocator)
-                    packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, self.pin_allocator,
-                                           ready=ready)
-        finally:  # a load that fails part way leaves no thread behind (buffers made ahead are freed with it)
-            if ahead is not None:
-                ahead.shutdown(wait=True, cancel_futures=True)
+                    packed[i] = pack_layer(w, plan.codec, plan.block_size, qdev, self.pin, self.pin_allocator)
+            t = time.perf_counter()
+            for i, fut in pinning.items():
+                packed[i].pinned = fut.result()
+            self.pin_wait_s += time.perf_counter() - t
+        finally:  # a load that fails part way leaves no thread behind
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         return StreamedLayers(config.n_layers, resident, packed, device, dtype, plan.ring_slots)

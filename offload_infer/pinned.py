@@ -82,14 +82,13 @@ class PinnedRegion:
             pass
 
 
-def pinned_empty(nbytes: int) -> tuple[Tensor, PinnedRegion | None]:
-    """``nbytes`` of uninitialised host memory (uint8), page-locked for CUDA when it can be. Returns the
-    tensor and the registration that must be kept alive with it (None when the memory stays pageable)."""
-    global _warned
+def host_pages(nbytes: int) -> Tensor:
+    """``nbytes`` of uninitialised host memory (uint8) in whole pages of its own (an anonymous mapping,
+    huge pages advised), ready to be registered with ``pin``; plain pageable memory without CUDA."""
     if not torch.cuda.is_available() or nbytes == 0:
-        return torch.empty(nbytes, dtype=torch.uint8), None
-    # whole pages of our own (an anonymous mapping): registering a page another buffer shares would fail
-    # as already registered, and the tensor's storage then starts where the registration does
+        return torch.empty(nbytes, dtype=torch.uint8)
+    # whole pages of our own: registering a page another buffer shares would fail as already
+    # registered, and the tensor's storage then starts where the registration does
     span = -(-nbytes // PAGE) * PAGE
     pages = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE)  # private: counted as the process's anonymous memory
     if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE"):
@@ -97,17 +96,32 @@ def pinned_empty(nbytes: int) -> tuple[Tensor, PinnedRegion | None]:
             pages.madvise(mmap.MADV_HUGEPAGE)
         except OSError:
             pass
-    t = torch.frombuffer(pages, dtype=torch.uint8, count=nbytes)  # holds the mapping while it lives
-    err = _register(t.data_ptr(), span)
+    return torch.frombuffer(pages, dtype=torch.uint8, count=nbytes)  # holds the mapping while it lives
+
+
+def pin(t: Tensor) -> PinnedRegion | None:
+    """Page-lock a ``host_pages`` tensor for CUDA (its contents are kept). Returns the registration that
+    must be kept alive with it, or None when the memory stays pageable (one warning says so)."""
+    global _warned
+    if not torch.cuda.is_available() or t.numel() == 0:
+        return None
+    err = _register(t.data_ptr(), -(-t.numel() // PAGE) * PAGE)
     if err == 0:
-        return t, PinnedRegion(t)
+        return PinnedRegion(t)
     _clear_cuda_error()
     if not _warned:
-        warnings.warn(f"pinning {nbytes / 2**20:.0f} MB of host memory failed (CUDA error {err}); streamed layers stay "
-                      "in pageable memory and copies will be slower (about 22 instead of 55 GB/s on PCIe 5)",
+        warnings.warn(f"pinning {t.numel() / 2**20:.0f} MB of host memory failed (CUDA error {err}); streamed layers "
+                      "stay in pageable memory and copies will be slower (about 22 instead of 55 GB/s on PCIe 5)",
                       stacklevel=2)
         _warned = True
-    return t, None
+    return None
+
+
+def pinned_empty(nbytes: int) -> tuple[Tensor, PinnedRegion | None]:
+    """``nbytes`` of uninitialised host memory (uint8), page-locked for CUDA when it can be. Returns the
+    tensor and the registration that must be kept alive with it (None when the memory stays pageable)."""
+    t = host_pages(nbytes)
+    return t, pin(t)
 
 
 def caching_pinned_empty(nbytes: int) -> Tensor:

@@ -27,6 +27,13 @@ SHAPES = {
                      num_attention_heads=32, max_position_embeddings=2048, word_embed_proj_dim=4096),
     "opt-13b": dict(model_type="opt", vocab_size=50272, hidden_size=5120, ffn_dim=20480, num_hidden_layers=40,
                     num_attention_heads=40, max_position_embeddings=2048, word_embed_proj_dim=5120),
+    # the Qwen2.5-Coder pair of MODELS.md (1.5B LLM, 0.5B SSM), tied embeddings
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, tie_word_embeddings=True),
 }
 CODEC = {"fp16": None, "int8": "int8-row", "int4": "nf4"}
 

@@ -1,0 +1,79 @@
+"""What one drafting round costs, and where the time goes (issue 16).
+
+    PYTHONPATH=. python tools/bench_draft_round.py [--ssm qwen2.5-0.5b] [--budgets 16,64] [--drafts 20]
+        [--device cuda] [--profile]
+
+A resident SSM with random weights at a real shape (the Qwen2.5-Coder 0.5B by default) drafts trees
+for one request with a 256-token prompt, through the engine's ``Drafter`` (CUDA graphs on a GPU).
+Prints, per budget, the median seconds per draft, SSM forwards (rounds) per draft and seconds per
+round; with ``--profile``, the functions that take the host's time (cProfile, by own time) over the
+drafts of the last budget, so the host-side cost of a round can be told from the SSM's forward.
+Random weights give flat distributions, so trees are wider and shallower than a real pair's: read the
+per-round cost, not the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from random_models import SHAPES, random_resident  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ssm", default="qwen2.5-0.5b")
+    ap.add_argument("--budgets", default="16,64")
+    ap.add_argument("--drafts", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    from offload_infer.speculate import Drafter, TreeConfig
+
+    dev = args.device
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    shape = SHAPES[args.ssm]
+    ssm = random_resident(shape, dev, dtype)
+    prompt = torch.randint(0, 1000, (256,)).tolist()
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    for budget in [int(b) for b in args.budgets.split(",")]:
+        d = Drafter(ssm, shape["vocab_size"], TreeConfig(budget=budget, calibrated=False), 64, 16)
+        st = d.admit(600, prompt)
+        d.draft([st], [budget], [budget])  # prompt read, graphs captured
+        d.commit([(st, [], 7)])
+        times, calls = [], []
+        prof = cProfile.Profile() if args.profile else None
+        for i in range(args.drafts + 2):
+            sync()
+            t0 = time.perf_counter()
+            if prof is not None and i >= 2:
+                prof.enable()
+            d.draft([st], [budget], [budget])
+            if prof is not None:
+                prof.disable()
+            sync()
+            if i >= 2:  # the first two: the graphs of new shapes
+                times.append(time.perf_counter() - t0)
+                calls.append(st.calls)
+            d.commit([(st, [], 7 + i % 50)])
+        med = statistics.median(times)
+        rounds = statistics.median(calls)
+        print(f"budget {budget}: {med * 1e3:.2f} ms per draft, {rounds:.0f} rounds, {med / rounds * 1e3:.2f} ms per round "
+              f"(graphs captured {d.graphs_captured})", flush=True)
+        if prof is not None:
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+            print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
