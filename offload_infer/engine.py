@@ -122,8 +122,9 @@ class Engine:
         self.pool = llm.new_pool(n_blocks, BLOCK_SIZE)
         self.drafters = []
         for m in ssms:
+            is_llm = m is llm or getattr(getattr(m, "weights", None), "layers", None) is llm.weights.layers
             self.drafters.append(Drafter(m, vocab, self.tree_cfg, ssm_pool_blocks(n_blocks, full, self.tree_cfg),
-                                         BLOCK_SIZE, ssm_static))
+                                         BLOCK_SIZE, ssm_static, fuse=False if is_llm else None))
         self.auto = AutoBudget(self.tree_cfg.budget) if self.tree_cfg.auto and ssms else None
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}

@@ -163,6 +163,19 @@ class KVPool:
         return out
 
 
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, repeat_kv: bool | None = None) -> Tensor:
+    """Attention of q ``[B, H, N, D]`` over k/v ``[B, KV, S, D]`` (``H`` a multiple of ``KV``) with a bool
+    ``mask`` ``[B or 1, 1, N, S]``. ``repeat_kv`` (default: on CUDA) repeats each KV head for its query
+    heads first: PyTorch's memory-efficient kernel takes masks but not grouped heads, and ``enable_gqa``
+    falls back to the unfused path (some ten kernels a layer, what a small drafting model pays most)."""
+    h, kv = q.shape[1], k.shape[1]
+    if h != kv and (q.device.type == "cuda" if repeat_kv is None else repeat_kv):
+        b, _, s, d = k.shape
+        k = k[:, :, None].expand(b, kv, h // kv, s, d).reshape(b, h, s, d)  # [B, H, S, D]: head i uses i // (H/KV)
+        v = v[:, :, None].expand(b, kv, h // kv, s, d).reshape(b, h, s, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != h)
+
+
 class BatchAttention:
     """Stands in for the KV cache inside a family's forward when it serves a batch of requests."""
 
@@ -193,8 +206,7 @@ class BatchAttention:
         else:
             qp = q.new_zeros(b * nb, n_heads, head_dim).index_copy_(0, self.rows, q)  # [B*Nb, H, D]
         qp = qp.view(b, nb, n_heads, head_dim).transpose(1, 2)  # [B, H, Nb, D]
-        out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=self.mask[:, None],
-                                             enable_gqa=n_kv != n_heads)  # [B, H, Nb, D]
+        out = grouped_attention(qp, keys, values, self.mask[:, None])  # [B, H, Nb, D]
         out = out.transpose(1, 2).reshape(b * nb, n_heads * head_dim)  # [B*Nb, H*D]
         return out if self.padded else out.index_select(0, self.rows)
 

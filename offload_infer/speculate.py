@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from offload_infer.calibration import AcceptanceCalibration
-from offload_infer.models import CausalLM
+from offload_infer.models import CausalLM, ResidentLayers
 from offload_infer.kv_pool import Part, SeqKV
 from offload_infer.static_forward import StaticForward, can_use_graphs
 from offload_infer.tree import TokenTree
@@ -111,10 +111,15 @@ class Drafter:
     flattened into one batched forward over the SSM's KV pool."""
 
     def __init__(self, model: CausalLM, valid_vocab: int, cfg: TreeConfig, n_blocks: int, block_size: int,
-                 static: bool | None = None) -> None:
+                 static: bool | None = None, fuse: bool | None = None) -> None:
         """``static``: draft at padded fixed shapes (static_forward.py), replayed from CUDA graphs when
-        the SSM is resident on a GPU; by default on exactly then."""
+        the SSM is resident on a GPU; by default on exactly then. ``fuse``: merge the SSM's q/k/v and
+        gate/up projections in place (its forward is bound by its kernel count; by default when the SSM
+        is resident on a GPU; never pass it for a model that is also the LLM, whose numbers must not
+        change)."""
         self.model = model
+        if (can_use_graphs(model) if fuse is None else fuse):
+            fuse_layers(model)
         self.cfg = cfg
         self.pool = model.new_pool(n_blocks, block_size)
         self.valid_vocab = valid_vocab  # ids at or above this are embedding padding: never proposed
@@ -335,6 +340,14 @@ class Drafter:
             kept.append((st.kv, slots))
             st.backlog = st.backlog + accepted[i:] + [next_token]  # non-empty only if it did not draft
         self.pool.commit(kept)
+
+
+def fuse_layers(model: CausalLM) -> None:
+    """Fuse a resident model's projections in place where its family can (``fuse_layer``)."""
+    fuse = getattr(model.config, "fuse_layer", None)
+    if fuse is not None and isinstance(model.weights.layers, ResidentLayers):
+        for _, w in model.weights.layers.layers():
+            fuse(w)
 
 
 class VocabularyMismatchError(ValueError):

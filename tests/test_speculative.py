@@ -152,3 +152,37 @@ def test_best_first_growth_stops_where_the_drafting_cache_ends(models, monkeypat
     assert len(st.slot) == 5 and 1 <= len(grown) - 1 <= 8
     assert all(grown.parents[i] < i for i in range(1, len(grown)))
     assert run(llm, [ssm], tree) == ref
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "llama-bias"])
+def test_fused_projections_give_the_same_logits(tiny_dirs, family):
+    """A drafting SSM's q/k/v and gate/up projections fused into one matrix each (fewer kernels per
+    forward): the same logits, and a second fusion changes nothing."""
+    from offload_infer.speculate import fuse_layers
+
+    ref, fused = _load(tiny_dirs[family][0]), _load(tiny_dirs[family][0])
+    fuse_layers(fused)
+    fuse_layers(fused)
+    w = next(fused.weights.layers.layers())[1]
+    assert "self_attn.qkv_proj.weight" in w and "mlp.gate_up_proj.weight" in w and "self_attn.q_proj.weight" not in w
+    assert ("self_attn.qkv_proj.bias" in w) == (family != "llama")
+    tokens, positions = torch.tensor(PROMPT), torch.arange(len(PROMPT))
+    a = ref.forward(tokens, positions, ref.new_cache(16))
+    b = fused.forward(tokens, positions, fused.new_cache(16))
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_ssm_drafts_losslessly(models, tiny_dirs, monkeypatch):
+    """An SSM fused as on a GPU (its numbers change in the last bits) still gives exactly the LLM's output;
+    the LLM itself is never fused, even when it is its own SSM."""
+    from offload_infer import speculate
+
+    llm = models["llama"]
+    ref = run(llm, [])
+    monkeypatch.setattr(speculate, "can_use_graphs", lambda m: True)  # fused by default, as on a GPU
+    ssm = _load(tiny_dirs["llama"][0])
+    engine = Engine(llm, [ssm], TreeConfig(budget=8), max_sequence_length=128, ssm_static=False)
+    assert "self_attn.qkv_proj.weight" in next(ssm.weights.layers.layers())[1]
+    assert [t for step in engine.generate(PROMPT, 40) for t in step] == ref
+    Engine(llm, [llm], TreeConfig(budget=8), max_sequence_length=64, ssm_static=False)
+    assert "self_attn.q_proj.weight" in next(llm.weights.layers.layers())[1]

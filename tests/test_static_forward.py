@@ -186,3 +186,19 @@ def test_cuda_attention_never_uses_cudnn(tiny_dirs, monkeypatch):
     model.forward_batch(torch.tensor(PROMPT), torch.arange(len(PROMPT)), pool.batch([Part(pool.allocate(16), 6)]))
     assert seen and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # the user's setting is left as it was
+
+
+def test_grouped_attention_with_repeated_kv_heads_equals_gqa():
+    """On CUDA each KV head is repeated for its query heads (the memory-efficient kernel takes masks but
+    not grouped heads): the same attention as PyTorch's grouped-query path."""
+    from offload_infer.kv_pool import grouped_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    mask = torch.rand(2, 1, 5, 9) > 0.3
+    mask[..., 0] = True
+    ref = grouped_attention(q, k, v, mask, repeat_kv=False)
+    torch.testing.assert_close(grouped_attention(q, k, v, mask, repeat_kv=True), ref)
+    # query head 3 attends with KV head 1 (heads grouped in runs of H / KV = 3)
+    att = torch.softmax((q[:, 3] @ k[:, 1].transpose(-1, -2) / 8 ** 0.5).masked_fill(~mask[:, 0], -torch.inf), -1)
+    torch.testing.assert_close(ref[:, 3], att @ v[:, 1])

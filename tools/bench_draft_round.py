@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--drafts", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="list the GPU kernels of the last budget's drafts")
+    ap.add_argument("--no-fuse", action="store_true", help="keep the SSM's projections unfused")
     args = ap.parse_args()
     from offload_infer.speculate import Drafter, TreeConfig
 
@@ -46,7 +48,8 @@ def main() -> None:
     prompt = torch.randint(0, 1000, (256,)).tolist()
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     for budget in [int(b) for b in args.budgets.split(",")]:
-        d = Drafter(ssm, shape["vocab_size"], TreeConfig(budget=budget, calibrated=False), 64, 16)
+        d = Drafter(ssm, shape["vocab_size"], TreeConfig(budget=budget, calibrated=False), 64, 16,
+                    fuse=not args.no_fuse and dev == "cuda")
         st = d.admit(600, prompt)
         d.draft([st], [budget], [budget])  # prompt read, graphs captured
         d.commit([(st, [], 7)])
@@ -69,6 +72,18 @@ def main() -> None:
         rounds = statistics.median(calls)
         print(f"budget {budget}: {med * 1e3:.2f} ms per draft, {rounds:.0f} rounds, {med / rounds * 1e3:.2f} ms per round "
               f"(graphs captured {d.graphs_captured})", flush=True)
+        if args.kernels and dev == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as kp:
+                for i in range(5):
+                    d.draft([st], [budget], [budget])
+                    d.commit([(st, [], 9 + i)])
+                sync()
+            kernels = [e for e in kp.events() if e.device_type.name == "CUDA"]
+            total = sum(e.device_time for e in kernels)
+            print(f"  {len(kernels) / 5:.0f} kernels per draft, {total / 5 / 1e3:.2f} ms of kernel time per draft")
+            print(kp.key_averages().table(sort_by="device_time_total", row_limit=25))
         if prof is not None:
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)

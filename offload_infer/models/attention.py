@@ -7,12 +7,11 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from offload_infer.kv_cache import KVCache
-from offload_infer.kv_pool import BatchAttention
+from offload_infer.kv_pool import BatchAttention, grouped_attention
 
 
 def causal_mask(start: int, n: int, device: torch.device) -> Tensor:
@@ -89,12 +88,11 @@ def attend(
         return cache.attend(layer, q, k, v)
     n, n_heads, head_dim = q.shape
     keys, values = cache.write(layer, start, k.transpose(0, 1), v.transpose(0, 1))  # [KV, S, D]
-    out = F.scaled_dot_product_attention(
+    out = grouped_attention(
         q.transpose(0, 1)[None],  # [1, H, N, D]
         keys[None],  # [1, KV, S, D]
         values[None],
-        attn_mask=mask[None, None],  # [1, 1, N, S]
-        enable_gqa=keys.shape[0] != n_heads,
+        mask[None, None],  # [1, 1, N, S]
     )  # [1, H, N, D]
     return out[0].transpose(0, 1).reshape(n, n_heads * head_dim)
 

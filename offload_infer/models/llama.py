@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -15,6 +16,8 @@ from offload_infer.models.attention import apply_rope, attend, head_rows, rope_c
 from offload_infer.models.base import ModelWeights
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+_QKV, _QKV_BIAS = "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias"  # fused by ``fuse_layer``
+_GATE_UP, _GATE_UP_BIAS = "mlp.gate_up_proj.weight", "mlp.gate_up_proj.bias"
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -114,6 +117,21 @@ class LlamaConfig:
     def layer_prefix(self, i: int) -> str:
         return f"model.layers.{i}."
 
+    def fuse_layer(self, w: dict[str, Tensor]) -> None:
+        """Replace a resident layer's q/k/v and gate/up projections by one matrix each, in place (a
+        no-op if done already): a drafting SSM's forward is bound by its kernel count, not its bytes."""
+        for fused, bias, names in ((_QKV, _QKV_BIAS, ("q_proj", "k_proj", "v_proj")),
+                                   (_GATE_UP, _GATE_UP_BIAS, ("gate_proj", "up_proj"))):
+            part = "self_attn" if fused == _QKV else "mlp"
+            keys = [f"{part}.{n}.weight" for n in names]
+            biases = [f"{part}.{n}.bias" for n in names]
+            has_bias = [b in w for b in biases]
+            if fused in w or not all(k in w for k in keys) or any(has_bias) != all(has_bias):
+                continue
+            w[fused] = torch.cat([w.pop(k) for k in keys])  # [sum of outs, h]
+            if all(has_bias):
+                w[bias] = torch.cat([w.pop(b) for b in biases])
+
     def aliases(self, name: str) -> list[str]:
         return []
 
@@ -128,18 +146,29 @@ class LlamaConfig:
         act = _ACTIVATIONS[self.hidden_act]
         for i, w in weights.layers.layers():
             h = rms_norm(x, w["input_layernorm.weight"], self.rms_norm_eps)
-            q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
-            k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
-            v = F.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
-            q = q.view(n, self.n_heads, self.head_dim)  # [N, H, D]
-            k = k.view(n, self.n_kv_heads, self.head_dim)  # [N, KV, D]
-            v = v.view(n, self.n_kv_heads, self.head_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            fused = w.get(_QKV)
+            if fused is None:
+                q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
+                k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
+                v = F.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
+                q = q.view(n, self.n_heads, self.head_dim)  # [N, H, D]
+                k = k.view(n, self.n_kv_heads, self.head_dim)  # [N, KV, D]
+                v = v.view(n, self.n_kv_heads, self.head_dim)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            else:  # one projection, and q and k rotated together (fewer kernels for a small drafting model)
+                qkv = F.linear(h, fused, w.get(_QKV_BIAS)).view(n, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+                qk = apply_rope(qkv[:, : self.n_heads + self.n_kv_heads], cos, sin)  # [N, H + KV, D]
+                q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv_heads:]
             a = attend(q, k, v, cache, i, start, mask)  # [N, H*D]
             x = x + F.linear(a, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
             h = rms_norm(x, w["post_attention_layernorm.weight"], self.rms_norm_eps)
-            gate = act(F.linear(h, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias")))
-            up = F.linear(h, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
+            fused = w.get(_GATE_UP)
+            if fused is None:
+                gate = act(F.linear(h, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias")))
+                up = F.linear(h, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
+            else:
+                gate, up = F.linear(h, fused, w.get(_GATE_UP_BIAS)).chunk(2, dim=-1)  # [N, f] each
+                gate = act(gate)
             x = x + F.linear(gate * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
         x = head_rows(cache, x)  # [M, h]
         x = rms_norm(x, g["model.norm.weight"], self.rms_norm_eps)
