@@ -169,16 +169,16 @@ def test_cuda_graphs_per_attention_span(long_ssm_dir, prompt_len):
 @pytest.mark.cuda
 def test_cuda_attention_never_uses_cudnn(tiny_dirs, monkeypatch):
     """cuDNN attention plans per shape (tens of ms of host time each); our shapes change every pass."""
-    import offload_infer.models.attention as attention
+    import offload_infer.kv_pool as kv_pool
 
     seen = []
-    real = attention.F.scaled_dot_product_attention
+    real = kv_pool.F.scaled_dot_product_attention
 
     def spy(*args, **kwargs):
         seen.append(torch.backends.cuda.cudnn_sdp_enabled())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(kv_pool.F, "scaled_dot_product_attention", spy)
     model = load_model(resolve(str(tiny_dirs["llama"][0])), device=torch.device("cuda"), dtype=torch.float16,
                        progress=False).model
     model.forward(torch.tensor(PROMPT), torch.arange(len(PROMPT)), model.new_cache(16))
