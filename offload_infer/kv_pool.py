@@ -124,7 +124,8 @@ class KVPool:
             self.k[:, :, d] = self.k.index_select(2, s)
             self.v[:, :, d] = self.v.index_select(2, s)
 
-    def batch(self, parts: list[Part], shape: tuple[int, int, int] | None = None) -> "BatchAttention":
+    def batch(self, parts: list[Part], shape: tuple[int, int, int] | None = None, on_host: bool = False
+              ) -> "BatchAttention":
         """Reserve each part's slots and build the index tensors of one batched forward. With ``shape``
         ``(B, Nb, S)`` (at least the parts' own) the layout is padded to it, as a replayed CUDA graph needs:
         the new tokens go in as ``[B * Nb]`` rows, request ``i``'s at rows ``i * Nb + r``; padding rows
@@ -157,7 +158,7 @@ class KVPool:
                 assert p.mask.shape == (p.n, end), f"mask {tuple(p.mask.shape)} for {p.n} tokens after {p.start}"
                 mask[i, : p.n, :end] = p.mask
         mask[..., 0] |= ~mask.any(-1)  # padding rows see one slot: finite, and dropped
-        dev = self.device
+        dev = torch.device("cpu") if on_host else self.device  # on the host: a static forward copies them in
         out = BatchAttention(self, write.to(dev), rows.to(dev), gather.to(dev), mask.to(dev), b, nb)
         out.real_rows = real_rows
         return out

@@ -193,17 +193,19 @@ class Drafter:
         flat = torch.tensor([r for w in wanted for r in w])
         tokens = torch.tensor([t for a in asks for t in a.tokens])
         positions = torch.tensor([p for a in asks for p in a.positions])
-        logits = self.static.forward(parts, tokens, positions) if self.static is not None else None  # [N, V]
-        if logits is not None:
-            logits = logits.index_select(0, flat.to(logits.device))
-        else:
+        logits = self.static.forward(parts, tokens, positions, flat) if self.static is not None else None  # [M, V]
+        if logits is None:
             batch = self.pool.batch(parts)
             batch.logit_rows = flat.to(self.pool.device)
             logits = self.model.forward_batch(tokens, positions, batch)  # [M, V]
         k = max(a.k for a in asks)
         logp = torch.log_softmax(logits[:, : self.valid_vocab].float(), dim=-1)
         top = torch.topk(logp, min(k, self.valid_vocab), dim=-1)
-        values, indices = top.values.tolist(), top.indices.tolist()  # one transfer for every request
+        # one transfer for every request: ids ride along as floats (exact below 2**24)
+        assert self.valid_vocab < 1 << 24, "token ids would not survive the float transfer"
+        both = torch.cat([top.values, top.indices.float()], dim=1).tolist()  # [M, 2k]
+        kk = top.values.shape[1]
+        values, indices = [r[:kk] for r in both], [[int(t) for t in r[kk:]] for r in both]
         out, row = [], 0
         for a, w in zip(asks, wanted):
             out.append(([v[: a.k] for v in values[row: row + len(w)]], [t[: a.k] for t in indices[row: row + len(w)]]))

@@ -117,9 +117,11 @@ class StaticForward:
                             self._bucket((_pow2(b), _pow2(nb), s))
 
     @torch.inference_mode()
-    def forward(self, parts: list[Part], tokens: Tensor, positions: Tensor) -> Tensor | None:
+    def forward(self, parts: list[Part], tokens: Tensor, positions: Tensor, keep: Tensor | None = None
+                ) -> Tensor | None:
         """Logits ``[N, V]`` (fp32) for the parts' flattened new tokens, like ``CausalLM.forward_batch``
-        without ``logit_rows``; None (nothing reserved) if the round is too large to pad."""
+        (``keep``: the rows wanted, like its ``logit_rows``); None (nothing reserved) if the round is too
+        large to pad."""
         shape = self.shape_for(parts)
         if shape is None:
             return None
@@ -127,7 +129,7 @@ class StaticForward:
             raise ValueError(f"position {int(positions.max())} is beyond the model's context of "
                              f"{self.model.config.max_position_embeddings} tokens")
         bk = self._bucket(shape)
-        batch = self.pool.batch(parts, shape)
+        batch = self.pool.batch(parts, shape, on_host=True)  # index tensors copied straight into the bucket
         rows = batch.real_rows
         host_tokens = torch.zeros(bk.tokens.numel(), dtype=torch.long)
         host_tokens[rows] = tokens
@@ -138,10 +140,12 @@ class StaticForward:
         bk.attn.write_slots.copy_(batch.write_slots, non_blocking=True)
         bk.attn.gather.copy_(batch.gather, non_blocking=True)
         bk.attn.mask.copy_(batch.mask, non_blocking=True)
+        # moved before the replay: a host-to-device copy waits for the stream, and it is idle now
+        sel = (rows if keep is None else rows[keep]).to(bk.tokens.device)
         self.replays += 1
         if self.graphs:
             bk.graph.replay()
             logits = bk.logits
         else:
             logits = self._run(bk)
-        return logits.index_select(0, rows.to(logits.device)).float()  # copies: the buffer is reused
+        return logits.index_select(0, sel).float()  # copies: the buffer is reused
