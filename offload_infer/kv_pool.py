@@ -76,6 +76,15 @@ class KVPool:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.device = torch.device(device)
         self.scratch = n_blocks * block_size  # first slot of the scratch block
+        self._kv_heads: dict[tuple[int, int], Tensor] = {}
+        self.repeat_kv = self.device.type == "cuda"  # grouped-query attention repeats KV heads (grouped_attention)
+
+    def kv_head_of(self, n_heads: int, n_kv: int) -> Tensor:
+        """``[H]``: the KV head each query head reads (grouped-query attention), on the pool's device."""
+        key = (n_heads, n_kv)
+        if key not in self._kv_heads:
+            self._kv_heads[key] = (torch.arange(n_heads) // (n_heads // n_kv)).to(self.device)
+        return self._kv_heads[key]
 
     @staticmethod
     def slot_bytes(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -191,6 +200,16 @@ class BatchAttention:
         self.logit_rows = logit_rows  # [M] rows whose logits are wanted (None: all)
         self.padded = rows.numel() == b * nb  # every request has Nb new tokens: no scatter needed
         self.real_rows: Tensor | None = None  # [N] (host) padded row of each real token, when built by batch()
+        self._bias: Tensor | None = None  # the mask as 0 / -inf, made by a forward's first layer for all of them
+
+    def _additive_mask(self, dtype: torch.dtype) -> Tensor:
+        """``mask`` as an additive bias ``[B, Nb, S]`` (0 where visible, -inf elsewhere), its rows laid out
+        16 elements apart: converted once per forward rather than by every layer's attention call (a bool
+        mask is converted, and an unaligned one padded, on each call)."""
+        b, nb, s = self.mask.shape
+        full = torch.empty(b, nb, -(-s // 16) * 16, dtype=dtype, device=self.mask.device)[..., :s]
+        zero = torch.zeros((), dtype=dtype, device=self.mask.device)
+        return full.copy_(torch.where(self.mask, zero, zero - torch.inf))
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q ``[N, H, D]``, k/v ``[N, KV, D]`` (stored at the tokens' slots). Returns ``[N, H * D]``."""
@@ -200,14 +219,21 @@ class BatchAttention:
         vl.index_copy_(1, self.write_slots, v.transpose(0, 1))
         b, nb, s = self.b, self.nb, self.gather.shape[1]
         n_kv = kl.shape[0]
-        keys = kl.index_select(1, self.gather.flatten()).view(n_kv, b, s, head_dim).transpose(0, 1)  # [B, KV, S, D]
-        values = vl.index_select(1, self.gather.flatten()).view(n_kv, b, s, head_dim).transpose(0, 1)
+        if n_kv != n_heads and self.pool.repeat_kv:  # gathered with each KV head repeated for its query heads
+            # in one indexing kernel (see grouped_attention)
+            heads = self.pool.kv_head_of(n_heads, n_kv)[None, :, None]  # [1, H, 1]
+            keys, values = kl[heads, self.gather[:, None, :]], vl[heads, self.gather[:, None, :]]  # [B, H, S, D]
+        else:
+            keys = kl.index_select(1, self.gather.flatten()).view(n_kv, b, s, head_dim).transpose(0, 1)  # [B, KV, S, D]
+            values = vl.index_select(1, self.gather.flatten()).view(n_kv, b, s, head_dim).transpose(0, 1)
         if self.padded:
             qp = q
         else:
             qp = q.new_zeros(b * nb, n_heads, head_dim).index_copy_(0, self.rows, q)  # [B*Nb, H, D]
         qp = qp.view(b, nb, n_heads, head_dim).transpose(1, 2)  # [B, H, Nb, D]
-        out = grouped_attention(qp, keys, values, self.mask[:, None])  # [B, H, Nb, D]
+        if layer == 0 or self._bias is None or self._bias.dtype != q.dtype:
+            self._bias = self._additive_mask(q.dtype)
+        out = grouped_attention(qp, keys, values, self._bias[:, None])  # [B, H, Nb, D]
         out = out.transpose(1, 2).reshape(b * nb, n_heads * head_dim)  # [B*Nb, H*D]
         return out if self.padded else out.index_select(0, self.rows)
 

@@ -202,3 +202,19 @@ def test_grouped_attention_with_repeated_kv_heads_equals_gqa():
     # query head 3 attends with KV head 1 (heads grouped in runs of H / KV = 3)
     att = torch.softmax((q[:, 3] @ k[:, 1].transpose(-1, -2) / 8 ** 0.5).masked_fill(~mask[:, 0], -torch.inf), -1)
     torch.testing.assert_close(ref[:, 3], att @ v[:, 1])
+
+
+def test_batched_attention_gathering_repeated_kv_heads_gives_the_same_logits(tiny_dirs):
+    """The CUDA way of grouped-query attention in a batch (each KV head gathered once per query head, an
+    additive mask made once per forward), run on the CPU: the same logits as the grouped path."""
+    model = load_model(resolve(str(tiny_dirs["qwen2"][0])), progress=False).model
+    assert model.config.n_kv_heads != model.config.n_heads
+    out = []
+    for repeat in (False, True):
+        pool = model.new_pool(4, 16)
+        pool.repeat_kv = repeat
+        a, b = pool.allocate(32), pool.allocate(32)
+        batch = pool.batch([Part(a, 6), Part(b, 3)])
+        tokens = torch.tensor(PROMPT + PROMPT[:3])
+        out.append(model.forward_batch(tokens, torch.cat([torch.arange(6), torch.arange(3)]), batch))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from offload_infer.kv_cache import KVCache
-from offload_infer.models.attention import apply_rope, attend, head_rows, rope_cos_sin, rope_inv_freq, rope_inv_freq_on
+from offload_infer.models.attention import (apply_rope, apply_rope_rolled, attend, head_rows, rope_cos_sin, rope_inv_freq,
+                                            rope_inv_freq_on, signed_sin)
 from offload_infer.models.base import ModelWeights
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
@@ -150,6 +151,7 @@ class LlamaConfig:
         inv_freq = rope_inv_freq_on(self.head_dim, self.rope_theta, self.rope_scaling, x.device)
         cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
         act = _ACTIVATIONS[self.hidden_act]
+        sin_signed = None  # made by the first fused layer
         for i, w in weights.layers.layers():
             fused = w.get(_QKV)
             norm = rms_norm if fused is None else rms_norm_one_kernel  # a fused (drafting) layer: fewer kernels
@@ -164,7 +166,9 @@ class LlamaConfig:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             else:  # one projection, and q and k rotated together (fewer kernels for a small drafting model)
                 qkv = F.linear(h, fused, w.get(_QKV_BIAS)).view(n, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-                qk = apply_rope(qkv[:, : self.n_heads + self.n_kv_heads], cos, sin)  # [N, H + KV, D]
+                if sin_signed is None:
+                    sin_signed = signed_sin(sin)
+                qk = apply_rope_rolled(qkv[:, : self.n_heads + self.n_kv_heads], cos, sin_signed)  # [N, H + KV, D]
                 q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv_heads:]
             a = attend(q, k, v, cache, i, start, mask)  # [N, H*D]
             x = x + F.linear(a, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
