@@ -23,7 +23,7 @@ import torch
 from offload_infer.autobudget import AutoBudget
 from offload_infer.kv_pool import Part
 from offload_infer.memory import Footprint
-from offload_infer.models import CausalLM
+from offload_infer.models import CausalLM, ResidentLayers
 from offload_infer.sampling import SamplingConfig, SamplingParams, select
 from offload_infer.scheduler import Scheduler
 from offload_infer.sequence import Sequence, Status, cut_at_stops
@@ -200,7 +200,7 @@ class Engine:
         seq.kv.length, seq.kv.pending, seq.prefilled = common, 0, common
         self.pool.extend(seq.kv, slots)
         for d, st in zip(self.drafters, seq.drafts):
-            st.kv.length, st.kv.pending = min(st.kv.length, common), 0
+            st.kv.length, st.kv.pending, st.carry = min(st.kv.length, common), 0, {}
             st.backlog = list(prompt_ids[st.kv.length:])
             d.pool.extend(st.kv, d.slots_for(slots))
         self.forget(prev_id)
@@ -320,6 +320,7 @@ class Engine:
             for p in parts:
                 p.seq.pending -= p.n
             raise
+        self._draft_ahead(plan.decode, budget)
         self.steps += 1
         self.batch_sizes.append(len(parts))
 
@@ -351,6 +352,28 @@ class Engine:
             if notice:
                 self.notices.append(notice)
         return outputs
+
+    def _draft_ahead(self, decode: list[Sequence], budget: int) -> None:
+        """While the LLM's pass runs (it is only enqueued), the SSMs go on growing the trees it verifies, on
+        their own stream: what lies under the LLM's next token is kept for the next tree, so the next
+        drafting starts part grown (speculate.py, ``Drafter.draft_ahead``)."""
+        rounds = self.tree_cfg.draft_ahead
+        if budget <= 0 or not decode or self.tree_cfg.expansion or rounds == 0:
+            return
+        gpu = self.llm.device.type == "cuda"
+        if rounds is None:  # by default only where the pass leaves the GPU idle: streamed layers
+            if not gpu or isinstance(self.llm.weights.layers, ResidentLayers) or any(d.stream is None for d in self.drafters):
+                return
+            rounds = self.tree_cfg.max_processed()
+        stop = lambda: False  # noqa: E731
+        if gpu:
+            done = torch.cuda.Event()
+            done.record()
+            stop = done.query
+        for j, d in enumerate(self.drafters):
+            d.draft_ahead([s.drafts[j] for s in decode], rounds, stop)
+        for s in decode:
+            s.stats.ahead_calls.append(sum(st.ahead for st in s.drafts))
 
     def _verify_and_commit(self, decode: list[Sequence], trees: list[TokenTree], logits: torch.Tensor, budget: int,
                            depths: list[int], t0: float, t1: float, timed: bool) -> list[StepOutput]:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,9 @@ class TreeConfig:
     branch: int = 8  # children considered per expanded node in best-first growth
     calibrated: bool = True  # best-first ranks by learned acceptance (False: by the SSM's probabilities)
     expand_ratio: float = EXPAND_RATIO  # a round expands candidates scoring this fraction of the best (0: all)
+    # SSM forwards drafting ahead while the LLM verifies (best-first trees; what lies under the LLM's next
+    # token is kept for the next tree): None = on a GPU with a streamed LLM, until its pass is done
+    draft_ahead: int | None = None
 
     def __post_init__(self) -> None:
         if self.expansion and any(w < 1 for w in self.expansion):
@@ -55,6 +59,8 @@ class TreeConfig:
             raise ValueError(f"expand_ratio must be within [0, 1], got {self.expand_ratio}")
         if (self.max_depth is not None and self.max_depth < 1) or self.branch < 1:
             raise ValueError("max_depth and branch must be >= 1")
+        if self.draft_ahead is not None and self.draft_ahead < 0:
+            raise ValueError(f"draft_ahead must be >= 0, got {self.draft_ahead}")
         if self.auto and self.expansion:
             raise ValueError("an automatic tree budget applies to best-first growth, not to expansion widths")
 
@@ -88,6 +94,14 @@ class DraftState:
     # pending slots of its ancestors and itself
     calls: int = 0  # SSM forwards in the last draft (drafting rounds)
     kept: TokenTree | None = None  # the tree it proposed for verification (for calibration)
+    growth: "_BestFirst | None" = None  # the last best-first growth, which drafting ahead continues
+    ahead: int = 0  # SSM forwards drafting ahead during the last LLM pass
+    # drafted ahead and kept for the next tree (empty unless the LLM's next token was drafted ahead): the
+    # root (the last committed token, processed by the SSM) and its processed descendants, by their
+    # tokens' path from the root -> (pending slot, None for the root; their children's log-probabilities
+    # and ids)
+    carry: dict[tuple[int, ...], tuple[int | None, list[float], list[int]]] = field(default_factory=dict)
+    root: int = 0  # the last committed token when the backlog is empty (it was carried)
 
 
 @dataclass
@@ -100,9 +114,100 @@ class _Forward:
     mask: Tensor | None
     k: int
     last_only: bool = False
+    nodes: list[int] = field(default_factory=list)  # the tree nodes it processes (slots recorded for them)
 
 
 Growth = Generator[_Forward, tuple[list[list[float]], list[list[int]]], TokenTree]
+
+
+class _BestFirst:
+    """One request's best-first growth in one SSM: the tree grown so far (``st.tree``), what the SSM said
+    of each expanded node (its top children), and the best ``budget`` nodes. A node carried over from
+    drafting ahead (``st.carry``) is expanded from what was kept, without an SSM call."""
+
+    def __init__(self, st: DraftState, cal: AcceptanceCalibration | None, max_depth: int, k: int) -> None:
+        self.st, self.cal, self.max_depth, self.k = st, cal, max_depth, k
+        self.tree = st.tree
+        self.score = self.tree.score  # log of the estimated probability that the LLM accepts the path to each node
+        self.expanded: dict[int, tuple[list[float], list[int]]] = {}  # node -> its children's log-probs and ids
+        self.top: list[int] = []  # the best `budget` nodes so far
+        self.budget = 0
+        self.cutoff = -math.inf  # the worst kept node's score once `budget` nodes are kept
+        self.path: dict[int, tuple[int, ...]] = {0: ()}  # carried nodes in this tree -> their key in st.carry
+
+    def rank(self, i: int) -> tuple[float, int, int]:
+        return (-self.score[i], self.tree.depths[i], i)
+
+    def expand(self, node: int, lps: list[float], toks: list[int]) -> None:
+        """Add ``node``'s children the SSM ranked (those that could still enter the best ``budget``)."""
+        tree, cal = self.tree, self.cal
+        self.expanded[node] = (lps, toks)
+        parent_q = None if node == 0 else tree.q[node]
+        scored = []
+        for lp, t in zip(lps, toks):
+            q = math.exp(lp)
+            s = math.log(max(cal.estimate(q, parent_q), 1e-30)) if cal is not None else lp
+            scored.append((self.score[node] + s, t, q))
+        key = self.path.get(node)
+        for s, t, q in sorted(scored, reverse=True):  # a node is expanded once: its top-k tokens are new
+            if s < self.cutoff:
+                break  # below every kept node, and the kept set only gets better: it could never enter
+            child = tree.add(t, node, q, s)
+            if key is not None and key + (t,) in self.st.carry:
+                self.path[child] = key + (t,)
+
+    def apply(self, nodes: list[int], lps_all: list[list[float]], toks_all: list[list[int]]) -> None:
+        new = len(self.tree)
+        for node, lps, toks in zip(nodes, lps_all, toks_all):
+            self.expand(node, lps, toks)
+        # nodes only ever join the tree, so one that falls out of the best `budget` never returns
+        self.top = heapq.nsmallest(self.budget, self.top + list(range(new, len(self.tree))), key=self.rank)
+        if len(self.top) == self.budget:
+            self.cutoff = self.score[self.top[-1]]
+
+    def rank_top(self, budget: int) -> None:
+        """The best ``budget`` nodes; a budget larger than before (drafting ahead) first brings back the
+        children its cutoff left out."""
+        if budget > self.budget and self.budget:
+            self.cutoff = -math.inf
+            for node, (lps, toks) in list(self.expanded.items()):
+                self.expand(node, lps, toks)
+        self.budget = budget
+        self.top = heapq.nsmallest(budget, range(1, len(self.tree)), key=self.rank)
+        if len(self.top) == budget:
+            self.cutoff = self.score[self.top[-1]]
+
+    def todo(self, ratio: float, limit: int) -> list[int]:
+        """The nodes to expand next with one SSM call: the best unexpanded ones (within ``ratio`` of the
+        best of them), as many as the SSM's cache of ``limit`` pending nodes still holds. Carried nodes
+        among them are expanded first, for free."""
+        st, tree = self.st, self.tree
+        while True:
+            todo = [i for i in self.top if i not in self.expanded and tree.depths[i] < self.max_depth]
+            free = [i for i in todo if i in self.path]
+            if not free:
+                break
+            for i in sorted(free):
+                slot, lps, toks = st.carry[self.path[i]]
+                st.slot[i] = slot  # type: ignore[assignment]
+                self.apply([i], [lps], [toks])
+        if todo and ratio > 0:  # the best candidates only: the rest wait for a later round, if they stay in the top
+            best = max(self.score[i] for i in todo)
+            todo = [i for i in todo if self.score[i] >= best + math.log(ratio)]
+        room = limit - st.kv.pending
+        if len(todo) > room:  # the cache holds no more: the best that fit
+            todo = sorted(todo, key=self.rank)[: max(0, room)]
+        return sorted(todo)
+
+    def kept(self, budget: int) -> TokenTree:
+        """The tree of the best ``budget`` nodes (the proposal)."""
+        tree, score = self.tree, self.score
+        keep = sorted(heapq.nsmallest(budget, self.top, key=self.rank))
+        out = TokenTree.root(tree.tokens[0])
+        where = {0: 0}
+        for i in keep:  # parents precede children, and a kept node's parent is kept (its score is higher)
+            where[i] = out.add(tree.tokens[i], where[tree.parents[i]], tree.q[i], score[i])
+        return out
 
 
 class Drafter:
@@ -126,6 +231,9 @@ class Drafter:
         self.calibration = AcceptanceCalibration()
         static = can_use_graphs(model) if static is None else static
         self.static = StaticForward(model, self.pool) if static else None
+        self.stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(model.device))  # the pool's zeroing
 
     @property
     def graphs_captured(self) -> int:
@@ -160,27 +268,66 @@ class Drafter:
         trees: list[TokenTree | None] = [None] * len(states)
         active: dict[int, tuple[Growth, _Forward]] = {}
         for i, (st, depth, budget) in enumerate(zip(states, max_depths, budgets)):
-            root = st.backlog[-1]
-            st.tree, st.slot, st.calls, st.kept = TokenTree.root(root), {}, 0, None
+            root = st.backlog[-1] if st.backlog else st.root
+            st.tree, st.slot, st.calls, st.kept, st.growth = TokenTree.root(root), {}, 0, None, None
             if self.cfg.max_depth is not None:
                 depth = min(depth, self.cfg.max_depth)
             if depth < 1 or budget < 1:
                 trees[i] = TokenTree.root(root)
                 continue
             g = self._grow(st, depth, min(budget, self.cfg.budget), level_cost)
-            active[i] = (g, next(g))
-        while active:
-            order = list(active)
-            asks = [active[i][1] for i in order]
-            results = self._run([states[i] for i in order], asks)
-            for i, res in zip(order, results):
-                states[i].calls += 1
-                try:
-                    active[i] = (active[i][0], active[i][0].send(res))
-                except StopIteration as done:
-                    trees[i] = states[i].kept = done.value
-                    del active[i]
+            try:
+                active[i] = (g, next(g))
+            except StopIteration as done:  # grown from what was drafted ahead alone: no SSM call
+                trees[i] = st.kept = done.value
+        with self._on_stream():
+            while active:
+                order = list(active)
+                asks = [active[i][1] for i in order]
+                results = self._run([states[i] for i in order], asks)
+                for i, res in zip(order, results):
+                    states[i].calls += 1
+                    try:
+                        active[i] = (active[i][0], active[i][0].send(res))
+                    except StopIteration as done:
+                        trees[i] = states[i].kept = done.value
+                        del active[i]
         return trees  # type: ignore[return-value]
+
+    def draft_ahead(self, states: list[DraftState], rounds: int, stop: Callable[[], bool] = lambda: False) -> int:
+        """While the LLM verifies the trees just drafted, go on growing each request's tree best-first
+        beyond what was proposed (the candidates for the LLM's next token, and below them), at most
+        ``rounds`` SSM forwards, until ``stop()``. ``commit`` then keeps what lies under the LLM's next
+        token for the next tree. Returns the SSM forwards made."""
+        active: dict[int, tuple[Growth, _Forward]] = {}
+        for i, st in enumerate(states):
+            st.ahead = 0
+            if st.growth is not None and st.kept is not None:
+                g = self._extend(st)
+                try:
+                    active[i] = (g, next(g))
+                except StopIteration:
+                    pass
+        made = 0
+        with self._on_stream():
+            while active and made < rounds and not stop():
+                order = list(active)
+                results = self._run([states[i] for i in order], [active[i][1] for i in order])
+                made += 1
+                for i, res in zip(order, results):
+                    states[i].ahead += 1
+                    try:
+                        active[i] = (active[i][0], active[i][0].send(res))
+                    except StopIteration:
+                        del active[i]
+        for i, (_, ask) in active.items():  # asks left unsent: their nodes were not processed after all
+            for x in ask.nodes:
+                del states[i].slot[x]
+        return made
+
+    def _on_stream(self):
+        """The SSM's GPU work runs on a stream of its own, so that it can run beside the LLM's pass."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
     def _run(self, states: list[DraftState], asks: list[_Forward]) -> list[tuple[list[list[float]], list[list[int]]]]:
         """One batched SSM forward; each ask gets the log-probabilities and ids of its rows' top children."""
@@ -215,12 +362,18 @@ class Drafter:
     def _grow(self, st: DraftState, max_depth: int, budget: int, level_cost: float | None = None) -> Growth:
         start = st.kv.length
         k = self.cfg.expansion[0] if self.cfg.expansion else min(self.cfg.branch, budget)
-        lps, toks = yield _Forward(st.backlog, list(range(start, start + len(st.backlog))), None, k, True)
-        st.kv.commit_all()
-        st.backlog = []
+        if st.backlog or () not in st.carry:
+            st.carry = {}
+            lps, toks = yield _Forward(st.backlog, list(range(start, start + len(st.backlog))), None, k, True)
+            st.kv.commit_all()
+            st.backlog = []
+            lps, toks = lps[0], toks[0]
+        else:  # the root was drafted ahead: its children are known
+            _, lps, toks = st.carry[()]
         if self.cfg.expansion:
-            return (yield from self._grow_by_widths(st, lps, toks, max_depth))
-        return (yield from self._grow_best_first(st, lps, toks, max_depth, budget, level_cost))
+            return (yield from self._grow_by_widths(st, [lps], [toks], max_depth))
+        st.growth = _BestFirst(st, self.calibration if self.cfg.calibrated else None, max_depth, k)
+        return (yield from self._grow_best_first(st, lps, toks, budget, level_cost))
 
     def _ask_nodes(self, st: DraftState, nodes: list[int], k: int) -> _Forward:
         """The forward of tree nodes whose ancestors the SSM has processed; records their pending slots."""
@@ -243,7 +396,8 @@ class Drafter:
         for r, node in enumerate(nodes):
             st.slot[node] = first + r
         root_pos = length - 1
-        return _Forward([tree.tokens[x] for x in nodes], [root_pos + tree.depths[x] for x in nodes], mask, k)
+        return _Forward([tree.tokens[x] for x in nodes], [root_pos + tree.depths[x] for x in nodes], mask, k,
+                        nodes=list(nodes))
 
     def _grow_by_widths(self, st: DraftState, lps: list[list[float]], toks: list[list[int]], max_depth: int) -> Growth:
         tree = st.tree
@@ -258,80 +412,51 @@ class Drafter:
                         for lp, t in zip(lrow[:w], row[:w])]
         return tree
 
-    def _grow_best_first(self, st: DraftState, root_lps: list[list[float]], root_toks: list[list[int]],
-                         max_depth: int, budget: int, level_cost: float | None = None) -> Growth:
-        tree = st.tree
-        k = min(self.cfg.branch, budget)
-        score = tree.score  # log of the estimated probability that the LLM accepts the path to each node
-        expanded: set[int] = set()
-        cal = self.calibration if self.cfg.calibrated else None
-        cutoff = [-math.inf]  # the worst kept node's score once `budget` nodes are kept
-
-        def add_children(node: int, lps: list[float], toks: list[int]) -> None:
-            parent_q = None if node == 0 else tree.q[node]
-            scored = []
-            for lp, t in zip(lps, toks):
-                q = math.exp(lp)
-                s = math.log(max(cal.estimate(q, parent_q), 1e-30)) if cal is not None else lp
-                scored.append((score[node] + s, t, q))
-            for s, t, q in sorted(scored, reverse=True):  # a node is expanded once: its top-k tokens are new
-                if s < cutoff[0]:
-                    break  # below every kept node, and the kept set only gets better: it could never enter
-                tree.add(t, node, q, s)
-
-        def rank(i: int) -> tuple[float, int, int]:
-            return (-score[i], tree.depths[i], i)
-
-        add_children(0, root_lps[0], root_toks[0])
-        top = sorted(range(1, len(tree)), key=rank)[:budget]  # the best `budget` nodes so far
-        if len(top) == budget:
-            cutoff[0] = score[top[-1]]
-        limit = self.cfg.max_processed()
-        expected = 1 + sum(math.exp(score[i]) for i in top)  # tokens the pass yields, by the estimates
+    def _grow_best_first(self, st: DraftState, root_lps: list[float], root_toks: list[int], budget: int,
+                         level_cost: float | None = None) -> Growth:
+        g = st.growth
+        assert g is not None
+        g.expand(0, root_lps, root_toks)
+        g.rank_top(budget)
+        expected = 1 + sum(math.exp(g.score[i]) for i in g.top)  # tokens the pass yields, by the estimates
         rounds = 1  # SSM forwards so far (the first read the backlog)
         while True:
-            todo = [i for i in top if i not in expanded and tree.depths[i] < max_depth]
-            if todo:  # the best candidates only: the rest wait for a later round, if they stay in the top
-                best = max(score[i] for i in todo)
-                if self.cfg.expand_ratio > 0:
-                    todo = [i for i in todo if score[i] >= best + math.log(self.cfg.expand_ratio)]
-            if len(expanded) + len(todo) > limit:  # the cache holds no more: the best that fit
-                todo = sorted(todo, key=rank)[: limit - len(expanded)]
+            todo = g.todo(self.cfg.expand_ratio, self.cfg.max_processed())
             if not todo:
                 break
-            todo.sort()
-            lps_all, toks_all = yield self._ask_nodes(st, todo, k)
-            new = len(tree)
-            for node, lps, toks in zip(todo, lps_all, toks_all):
-                expanded.add(node)
-                add_children(node, lps, toks)
-            # nodes only ever join the tree, so one that falls out of the best `budget` never returns
-            top = heapq.nsmallest(budget, top + list(range(new, len(tree))), key=rank)
-            if len(top) == budget:
-                cutoff[0] = score[top[-1]]
+            lps_all, toks_all = yield self._ask_nodes(st, todo, g.k)
+            g.apply(todo, lps_all, toks_all)
             rounds += 1
             if level_cost is not None:
                 # tokens/s ~ expected / (1 + rounds x level_cost): another round pays while its gain (taken
                 # to be like this one's) is at least expected x level_cost / (1 + rounds x level_cost)
-                now = 1 + sum(math.exp(score[i]) for i in top)
+                now = 1 + sum(math.exp(g.score[i]) for i in g.top)
                 gain, expected = now - expected, now
                 if gain < expected * level_cost / (1 + rounds * level_cost):
                     break
-        keep = sorted(top)
-        out = TokenTree.root(tree.tokens[0])
-        where = {0: 0}
-        for i in keep:  # parents precede children, and a kept node's parent is kept (its score is higher)
-            where[i] = out.add(tree.tokens[i], where[tree.parents[i]], tree.q[i], score[i])
-        return out
+        return g.kept(budget)
+
+    def _extend(self, st: DraftState) -> Generator[_Forward, tuple[list[list[float]], list[list[int]]], None]:
+        """Best-first growth continued past the proposed tree (drafting ahead), within the SSM's cache."""
+        g = st.growth
+        assert g is not None
+        g.rank_top(self.cfg.max_processed())
+        while True:
+            todo = g.todo(self.cfg.expand_ratio, self.cfg.max_processed())
+            if not todo:
+                return
+            lps_all, toks_all = yield self._ask_nodes(st, todo, g.k)
+            g.apply(todo, lps_all, toks_all)
 
     def commit(self, items: list[tuple[DraftState, list[int], int]]) -> None:
         """For each (request, accepted tokens, next token): keep the cache entries of the accepted tokens
         this SSM processed and queue the rest; one pool copy for all requests."""
-        kept = []
+        kept, carried = [], []
         for st, accepted, next_token in items:
-            if st.kept is not None and len(st.kept) > 1:  # this step's tree, verified: learn from it
+            drafted = st.kept is not None
+            if drafted and len(st.kept) > 1:  # this step's tree, verified: learn from it
                 self.calibration.observe(st.kept, accepted + [next_token])
-            st.kept = None
+            st.kept, st.carry = None, {}
             node, slots, i = 0, [], 0
             while i < len(accepted):
                 child = st.tree.child(node, accepted[i])
@@ -339,9 +464,47 @@ class Drafter:
                     break
                 slots.append(st.slot[child])
                 node, i = child, i + 1
-            kept.append((st.kv, slots))
-            st.backlog = st.backlog + accepted[i:] + [next_token]  # non-empty only if it did not draft
+            nxt = st.tree.child(node, next_token) if drafted and i == len(accepted) else None
+            if nxt is not None and st.growth is not None and nxt in st.slot and nxt in st.growth.expanded:
+                below = self._carry(st, nxt)  # the next token was drafted ahead: keep what lies under it
+                kept.append((st.kv, slots + [st.slot[nxt]] + [st.slot[x] for x in below]))
+                carried.append((st, len(below)))
+                st.backlog, st.root = [], next_token
+            else:
+                kept.append((st.kv, slots))
+                st.backlog = st.backlog + accepted[i:] + [next_token]  # non-empty only if it did not draft
+            st.growth = None
         self.pool.commit(kept)
+        for st, n in carried:  # the carried nodes stay pending, right after the new root
+            st.kv.length -= n
+            st.kv.pending = n
+
+    @staticmethod
+    def _carry(st: DraftState, root: int) -> list[int]:
+        """Set ``st.carry`` (and the pending slots' ancestry) for the tree under ``root``, which becomes the
+        last committed token: its processed descendants, in the order of their slots, which ``commit``
+        moves right after the root. Returns them."""
+        g = st.growth
+        assert g is not None
+        path = {root: ()}
+        below = []
+        for x in sorted(st.slot, key=st.slot.__getitem__):  # parents were processed before their children
+            parent = st.tree.parents[x]
+            if parent in path and x != root:
+                path[x] = path[parent] + (st.tree.tokens[x],)
+                below.append(x)
+        index = {x: j for j, x in enumerate(below)}
+        anc = torch.zeros(max(64, 2 * len(below)), max(64, 2 * len(below)), dtype=torch.bool)
+        for j, x in enumerate(below):
+            parent = st.tree.parents[x]
+            if parent != root:
+                anc[j] = anc[index[parent]]
+            anc[j, j] = True
+        st.anc = anc
+        st.carry = {(): (None, *g.expanded[root])}
+        for x in below:
+            st.carry[path[x]] = (index[x], *g.expanded[x])
+        return below
 
 
 def fuse_layers(model: CausalLM) -> None:

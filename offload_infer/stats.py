@@ -14,6 +14,7 @@ class GenerationStats:
     tree_sizes: list[int] = field(default_factory=list)  # speculated nodes per pass (root excluded)
     budgets: list[int] = field(default_factory=list)  # tree budget used per pass (auto budget: its choices)
     ssm_calls: list[int] = field(default_factory=list)  # SSM forwards per pass (drafting rounds, all SSMs)
+    ahead_calls: list[int] = field(default_factory=list)  # SSM forwards drafting ahead during each LLM pass
     offered_at_depth: dict[int, int] = field(default_factory=dict)  # passes that could accept a depth-d token
     accepted_at_depth: dict[int, int] = field(default_factory=dict)
     ssm_time_s: float = 0.0
@@ -44,6 +45,7 @@ class GenerationStats:
             "tree_size_mean": sum(self.tree_sizes) / len(self.tree_sizes) if self.tree_sizes else 0.0,
             "tree_budgets": self.budgets,
             "ssm_calls_mean": sum(self.ssm_calls) / len(self.ssm_calls) if self.ssm_calls else 0.0,
+            "ahead_calls_mean": sum(self.ahead_calls) / len(self.ahead_calls) if self.ahead_calls else 0.0,
             "ssm_time_s": self.ssm_time_s,
             "llm_time_s": self.llm_time_s,
         }
