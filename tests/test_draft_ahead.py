@@ -116,3 +116,26 @@ def test_sampling_with_trees_drafted_ahead_follows_the_llms_distribution(models)
 def test_draft_ahead_must_not_be_negative():
     with pytest.raises(ValueError, match="draft_ahead"):
         TreeConfig(draft_ahead=-1)
+
+
+@pytest.mark.cuda
+def test_cuda_drafting_ahead_beside_a_streamed_pass(tiny_dirs):
+    """On a GPU with every LLM layer streamed, drafting ahead is on by default: the SSM's rounds run on
+    their own stream while the pass is in flight, and the output is still the LLM's own."""
+    from offload_infer.offload import OffloadBuilder, make_plan
+
+    d = tiny_dirs["llama"][0]
+    dev = torch.device("cuda")
+    cfg = _load(d).config
+    p = make_plan(cfg, torch.float32, 2**30)
+    llm = load_model(resolve(str(d)), layer_builder=OffloadBuilder(p.global_bytes + 2 * p.packed_layer_bytes, verbose=False),
+                     device=dev, dtype=torch.float32, progress=False).model
+    ssm = load_model(resolve(str(d)), device=dev, dtype=torch.float32, progress=False).model
+    for m in (llm, ssm):  # nearly one-hot, so the SSM's chains are accepted and carried
+        m.weights.globals["lm_head.weight"].mul_(2000.0)
+    ref = [t for s in Engine(llm, [], max_sequence_length=256).generate(PROMPT, 120) for t in s]
+    stats = GenerationStats()
+    engine = Engine(llm, [ssm], TreeConfig(budget=8), max_sequence_length=256)
+    assert engine.drafters[0].stream is not None
+    assert [t for s in engine.generate(PROMPT, 120, stats=stats) for t in s] == ref
+    assert len(stats.ahead_calls) == len(stats.ssm_calls) > 0

@@ -16,6 +16,7 @@ prompt). The peer's passes are counted with a forward hook on its LLM. fp32 on t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -123,6 +124,9 @@ def main() -> None:
     ap.add_argument("--before", default="16,64", help="trees as before: SSM probabilities, depth 16, every candidate")
     ap.add_argument("--expand-ratio", type=float, action="append", dest="expand_ratios", default=None,
                     help="calibrated trees' EXPAND_RATIO (repeatable: one config per value)")
+    ap.add_argument("--draft-ahead", action="append", default=None,
+                    help="SSM rounds drafted ahead during each LLM pass: a number, or 'auto' (the default: on a GPU "
+                    "with a streamed LLM, until the pass ends); repeatable: each config runs with each value")
     ap.add_argument("--auto", action="store_true")
     ap.add_argument("--auto-max", type=int, default=None, help="auto's largest budget [default: the largest of --budgets]")
     ap.add_argument("--peer", action="store_true", help="transformers' assisted generation with the same pair")
@@ -163,7 +167,7 @@ def main() -> None:
     def run(engine) -> dict:
         res = {}
         for cat, ps in prompts.items():
-            outs, produced, passes, rounds = [], 0, 0, 0
+            outs, produced, passes, rounds, ahead = [], 0, 0, 0, 0
             sync()
             t0 = time.perf_counter()
             for p in ps:
@@ -172,11 +176,13 @@ def main() -> None:
                 produced += sum(st.tokens_per_pass)
                 passes += len(st.tokens_per_pass)
                 rounds += sum(st.ssm_calls)
+                ahead += sum(st.ahead_calls)
             sync()
             wall = time.perf_counter() - t0
             res[cat] = {"outputs": outs, "tokens": sum(map(len, outs)), "seconds": wall,
                         "tokens_per_pass": produced / max(1, passes), "produced_after_first": produced,
-                        "passes_after_first": passes, "ssm_rounds_per_pass": rounds / max(1, passes)}
+                        "passes_after_first": passes, "ssm_rounds_per_pass": rounds / max(1, passes),
+                        "ahead_rounds_per_pass": ahead / max(1, passes)}
         return res
 
     base = {} if args.no_incremental else run(Engine(llm.model, max_sequence_length=1024, eos_ids=eos))
@@ -187,12 +193,16 @@ def main() -> None:
                 for b in args.before.split(",") if b}
     if args.auto:
         configs["auto"] = TreeConfig(budget=args.auto_max or max(int(b) for b in args.budgets.split(",")), auto=True)
+    aheads = args.draft_ahead or ["auto"]
+    if len(aheads) > 1 or aheads != ["auto"]:
+        configs = {f"{name} ahead {a}": dataclasses.replace(cfg, draft_ahead=None if a == "auto" else int(a))
+                   for name, cfg in configs.items() for a in aheads}
     results = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
                "args": {k: v for k, v in vars(args).items() if k != "eos"}, "incremental": base, "trees": {}}
-    print(f"{'config':<34} {'category':<15} {'tok/pass':>8} {'rounds':>6} {'same':>6} {'tok/s':>7} {'time s':>7}",
-          flush=True)
+    print(f"{'config':<34} {'category':<15} {'tok/pass':>8} {'rounds':>6} {'ahead':>6} {'same':>6} {'tok/s':>7} "
+          f"{'time s':>7}", flush=True)
     for cat, r in base.items():
-        print(f"{'incremental':<34} {cat:<15} {1.0:>8.2f} {'':>6} {'':>6} {r['tokens'] / r['seconds']:>7.2f} "
+        print(f"{'incremental':<34} {cat:<15} {1.0:>8.2f} {'':>6} {'':>6} {'':>6} {r['tokens'] / r['seconds']:>7.2f} "
               f"{r['seconds']:>7.1f}", flush=True)
     for name, cfg in configs.items():
         engine = Engine(llm.model, [ssm.model], cfg, max_sequence_length=1024, eos_ids=eos, valid_vocab=vocab)
@@ -203,16 +213,18 @@ def main() -> None:
             r["identical"] = sum(o == ref for o, ref in zip(outs, refs[cat]))
             r["prompts"] = len(outs)
             print(f"{name:<34} {cat:<15} {r['tokens_per_pass']:>8.2f} {r['ssm_rounds_per_pass']:>6.2f} "
-                  f"{r['identical']:>3}/{len(outs):<2} "
+                  f"{r['ahead_rounds_per_pass']:>6.2f} {r['identical']:>3}/{len(outs):<2} "
                   f"{r['tokens'] / r['seconds']:>7.2f} {r['seconds']:>7.1f}", flush=True)
         tokens = sum(r["tokens"] for r in res.values())
         seconds = sum(r["seconds"] for r in res.values())
         n_passes = sum(r["passes_after_first"] for r in res.values())
         pooled = sum(r["produced_after_first"] for r in res.values()) / n_passes
         rounds = sum(r["ssm_rounds_per_pass"] * r["passes_after_first"] for r in res.values()) / n_passes
-        res["all"] = {"tokens_per_s": tokens / seconds, "tokens_per_pass": pooled, "ssm_rounds_per_pass": rounds}
-        print(f"{name:<34} {'all':<15} {pooled:>8.2f} {rounds:>6.2f} {'':>6} {tokens / seconds:>7.2f} {seconds:>7.1f}",
-              flush=True)
+        ahead = sum(r["ahead_rounds_per_pass"] * r["passes_after_first"] for r in res.values()) / n_passes
+        res["all"] = {"tokens_per_s": tokens / seconds, "tokens_per_pass": pooled, "ssm_rounds_per_pass": rounds,
+                      "ahead_rounds_per_pass": ahead}
+        print(f"{name:<34} {'all':<15} {pooled:>8.2f} {rounds:>6.2f} {ahead:>6.2f} {'':>6} {tokens / seconds:>7.2f} "
+              f"{seconds:>7.1f}", flush=True)
         results["trees"][name] = res
     if args.peer:
         results["peer"] = peer_passes(args, prompts, refs, dtype, dev)
