@@ -120,8 +120,8 @@ def test_draft_ahead_must_not_be_negative():
 
 @pytest.mark.cuda
 def test_cuda_drafting_ahead_beside_a_streamed_pass(tiny_dirs):
-    """On a GPU with every LLM layer streamed, drafting ahead is on by default: the SSM's rounds run on
-    their own stream while the pass is in flight, and the output is still the LLM's own."""
+    """On a GPU with every LLM layer streamed, ``draft_ahead=None`` drafts until the pass is done: the SSM's
+    rounds run on their own stream while the pass is in flight, and the output is still the LLM's own."""
     from offload_infer.offload import OffloadBuilder, make_plan
 
     d = tiny_dirs["llama"][0]
@@ -135,7 +135,7 @@ def test_cuda_drafting_ahead_beside_a_streamed_pass(tiny_dirs):
         m.weights.globals["lm_head.weight"].mul_(2000.0)
     ref = [t for s in Engine(llm, [], max_sequence_length=256).generate(PROMPT, 120) for t in s]
     stats = GenerationStats()
-    engine = Engine(llm, [ssm], TreeConfig(budget=8), max_sequence_length=256)
+    engine = Engine(llm, [ssm], TreeConfig(budget=8, draft_ahead=None), max_sequence_length=256)
     assert engine.drafters[0].stream is not None
     assert [t for s in engine.generate(PROMPT, 120, stats=stats) for t in s] == ref
     assert len(stats.ahead_calls) == len(stats.ssm_calls) > 0
