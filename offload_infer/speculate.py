@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import heapq
 import math
-import os
-from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -34,9 +33,6 @@ from offload_infer.static_forward import StaticForward, can_use_graphs
 from offload_infer.tree import TokenTree
 
 
-# host threads for a GPU drafter's index bookkeeping (tiny tensors, where intra-op threads only add wake-up
-# latency); 0 leaves PyTorch's setting alone
-DRAFT_HOST_THREADS = int(os.environ.get("OFFLOAD_INFER_DRAFT_THREADS", "1"))
 PROCESSED_PER_BUDGET = 4  # best-first growth expands at most this many nodes per node of budget
 EXPAND_RATIO = 0.1  # a round expands the candidates scoring at least this fraction of the best candidate
 
@@ -330,23 +326,9 @@ class Drafter:
                 del states[i].slot[x]
         return made
 
-    @contextmanager
-    def _on_stream(self) -> Iterator[None]:
-        """The SSM's GPU work runs on a stream of its own (so that it can run beside the LLM's pass), and
-        its host-side bookkeeping on ``DRAFT_HOST_THREADS`` threads."""
-        if self.stream is None:
-            yield
-            return
-        old = torch.get_num_threads()
-        single = 0 < DRAFT_HOST_THREADS < old
-        if single:
-            torch.set_num_threads(DRAFT_HOST_THREADS)
-        try:
-            with torch.cuda.stream(self.stream):
-                yield
-        finally:
-            if single:
-                torch.set_num_threads(old)
+    def _on_stream(self):
+        """The SSM's GPU work runs on a stream of its own, so that it can run beside the LLM's pass."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
     def _run(self, states: list[DraftState], asks: list[_Forward]) -> list[tuple[list[list[float]], list[list[int]]]]:
         """One batched SSM forward; each ask gets the log-probabilities and ids of its rows' top children."""
