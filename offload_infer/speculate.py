@@ -281,19 +281,31 @@ class Drafter:
                 active[i] = (g, next(g))
             except StopIteration as done:  # grown from what was drafted ahead alone: no SSM call
                 trees[i] = st.kept = done.value
+        for i, n in self._drive(states, active, finished=trees).items():
+            states[i].calls += n
+            states[i].kept = trees[i]
+        return trees  # type: ignore[return-value]
+
+    def _drive(self, states: list[DraftState], active: dict[int, tuple[Generator, _Forward]],
+               finished: list | None = None, rounds: float = math.inf, stop: Callable[[], bool] = lambda: False
+               ) -> dict[int, int]:
+        """Serve the growths in ``active`` (request index -> generator, its pending ask) one batched SSM
+        forward per round, until all are done, ``rounds`` were made or ``stop()``; a finished growth leaves
+        ``active`` and its value goes to ``finished[i]``. Returns each request's rounds."""
+        made = dict.fromkeys(active, 0)
         with self._on_stream():
-            while active:
+            while active and max(made.values()) < rounds and not stop():
                 order = list(active)
-                asks = [active[i][1] for i in order]
-                results = self._run([states[i] for i in order], asks)
+                results = self._run([states[i] for i in order], [active[i][1] for i in order])
                 for i, res in zip(order, results):
-                    states[i].calls += 1
+                    made[i] += 1
                     try:
                         active[i] = (active[i][0], active[i][0].send(res))
                     except StopIteration as done:
-                        trees[i] = states[i].kept = done.value
+                        if finished is not None:
+                            finished[i] = done.value
                         del active[i]
-        return trees  # type: ignore[return-value]
+        return made
 
     def draft_ahead(self, states: list[DraftState], rounds: int, stop: Callable[[], bool] = lambda: False) -> int:
         """While the LLM verifies the trees just drafted, go on growing each request's tree best-first
@@ -309,22 +321,13 @@ class Drafter:
                     active[i] = (g, next(g))
                 except StopIteration:
                     pass
-        made = 0
-        with self._on_stream():
-            while active and made < rounds and not stop():
-                order = list(active)
-                results = self._run([states[i] for i in order], [active[i][1] for i in order])
-                made += 1
-                for i, res in zip(order, results):
-                    states[i].ahead += 1
-                    try:
-                        active[i] = (active[i][0], active[i][0].send(res))
-                    except StopIteration:
-                        del active[i]
+        made = self._drive(states, active, rounds=rounds, stop=stop)
+        for i, n in made.items():
+            states[i].ahead = n
         for i, (_, ask) in active.items():  # asks left unsent: their nodes were not processed after all
             for x in ask.nodes:
                 del states[i].slot[x]
-        return made
+        return max(made.values(), default=0)
 
     def _on_stream(self):
         """The SSM's GPU work runs on a stream of its own, so that it can run beside the LLM's pass."""

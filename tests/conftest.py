@@ -40,6 +40,25 @@ def assert_outputs_follow(outputs: list[tuple[int, ...]], expected: dict[tuple[i
     assert p > 1e-3, (stat, len(expected))
 
 
+def joint_distribution(llm, prompt: list[int], new: int, cfg) -> dict[tuple[int, ...], float]:
+    """The LLM's own probability of every sequence of ``new`` tokens after ``prompt`` under the sampling
+    config ``cfg`` (enumerated: keep ``cfg`` to a small top-k)."""
+    from offload_infer.sampling import probs_from_logits
+
+    expected = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(new):
+            grown = {}
+            for prefix, p in expected.items():
+                ids = prompt + list(prefix)
+                row = llm.forward(torch.tensor(ids), torch.arange(len(ids)), llm.new_cache(len(ids) + 1))[-1]
+                probs = probs_from_logits(row, cfg)
+                for t in probs.nonzero().flatten().tolist():
+                    grown[prefix + (t,)] = p * float(probs[t])
+            expected = grown
+    return expected
+
+
 def llama_cfg(**kw):
     from transformers import LlamaConfig
 

@@ -7,14 +7,13 @@ import copy
 import random
 
 import pytest
-import torch
 
 from offload_infer.calibration import AcceptanceCalibration
 from offload_infer.engine import Engine
 from offload_infer.speculate import TreeConfig
 from offload_infer.stats import GenerationStats
 from offload_infer.tree import TokenTree
-from tests.conftest import assert_outputs_follow
+from tests.conftest import assert_outputs_follow, joint_distribution
 from weights.load import load_model
 from weights.resolve import resolve
 
@@ -86,7 +85,7 @@ def test_calibrated_trees_are_lossless(tiny_dirs):
     """A random SSM against the LLM, trees of budget 8 shaped by the calibration as it learns: greedy
     output is the LLM's own, and sampled outputs (top-k 2, four tokens: three of them from verified
     trees of depth 2 and their bonus tokens) follow the LLM's own joint distribution (chi-square)."""
-    from offload_infer.sampling import SamplingParams, probs_from_logits
+    from offload_infer.sampling import SamplingParams
 
     llm = load_model(resolve(str(tiny_dirs["llama"][0])), progress=False).model
     ssm = load_model(resolve(str(tiny_dirs["qwen2"][0])), progress=False).model
@@ -97,18 +96,7 @@ def test_calibrated_trees_are_lossless(tiny_dirs):
 
     n, new = 3000, 4
     params = dict(max_new_tokens=new, temperature=1.0, top_k=2, ignore_eos=True)
-    cfg = SamplingParams(**params).sampling
-    expected = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(new):
-            grown = {}
-            for prefix, p in expected.items():
-                ids = PROMPT + list(prefix)
-                row = llm.forward(torch.tensor(ids), torch.arange(len(ids)), llm.new_cache(32))[-1]
-                probs = probs_from_logits(row, cfg)
-                for t in probs.nonzero().flatten().tolist():
-                    grown[prefix + (t,)] = p * float(probs[t])
-            expected = grown
+    expected = joint_distribution(llm, PROMPT, new, SamplingParams(**params).sampling)
     engine = Engine(llm, [ssm], TreeConfig(budget=8), max_sequence_length=64, max_batch_size=64, max_batch_tokens=1024)
     ids = [engine.add_request(PROMPT, SamplingParams(**params, seed=s)) for s in range(n)]
     while engine.has_unfinished():

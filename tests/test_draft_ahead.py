@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from offload_infer.engine import Engine
-from offload_infer.sampling import SamplingParams, probs_from_logits
+from offload_infer.sampling import SamplingParams
 from offload_infer.speculate import TreeConfig
 from offload_infer.stats import GenerationStats
-from tests.conftest import assert_outputs_follow, build_hf, llama_cfg
+from tests.conftest import assert_outputs_follow, build_hf, joint_distribution, llama_cfg
 from weights.load import load_model
 from weights.resolve import resolve
 
@@ -91,17 +91,7 @@ def test_sampling_with_trees_drafted_ahead_follows_the_llms_distribution(models)
     llm = models["llm"]
     n, new = 4000, 6
     params = dict(max_new_tokens=new, temperature=1.0, top_k=2, ignore_eos=True)
-    cfg = SamplingParams(**params).sampling
-    expected = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(new):
-            grown = {}
-            for prefix, p in expected.items():
-                ids = PROMPT + list(prefix)
-                probs = probs_from_logits(llm.forward(torch.tensor(ids), torch.arange(len(ids)), llm.new_cache(32))[-1], cfg)
-                for t in probs.nonzero().flatten().tolist():
-                    grown[prefix + (t,)] = p * float(probs[t])
-            expected = grown
+    expected = joint_distribution(llm, PROMPT, new, SamplingParams(**params).sampling)
     engine = Engine(llm, [llm], TreeConfig(budget=2, draft_ahead=2), max_sequence_length=64, max_batch_size=64,
                     max_batch_tokens=1024)
     ids = [engine.add_request(PROMPT, SamplingParams(**params, seed=s)) for s in range(n)]
