@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ def request_slots(max_sequence_length: int, tree: TreeConfig, n_ssms: int) -> in
 def ssm_pool_blocks(llm_blocks: int, full: int, tree: TreeConfig) -> int:
     """Blocks of an SSM's KV pool: as many requests of the largest size (``full`` LLM slots) as the LLM's
     pool of ``llm_blocks`` holds, each with room for the nodes a tree processes."""
-    return -(-llm_blocks * BLOCK_SIZE * (full + tree.max_processed() + 1) // full // BLOCK_SIZE) + 1
+    return -(-llm_blocks * BLOCK_SIZE * (full + tree.pending_slots() + 1) // full // BLOCK_SIZE) + 1
 
 
 class PromptTooLongError(ValueError):
@@ -133,6 +134,10 @@ class Engine:
         self.notices: list[str] = []  # things a user should hear once (the CLI prints them)
         self.footprint: Footprint | None = None  # the memory pre-flight's figures, when a builder made one
         self._spec_check = SpeculationCheck()
+        self._worker: ThreadPoolExecutor | None = None  # enqueues the LLM's pass while the SSMs draft ahead
+        # an SSM that is the LLM itself shares its layer source, which is not safe to use from two threads
+        self._ssm_is_llm = any(getattr(getattr(m, "weights", None), "layers", None) is llm.weights.layers
+                               for m in ssms)
 
     # ---- requests ----------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int]) -> None:
@@ -315,12 +320,11 @@ class Engine:
         batch.logit_rows = torch.cat(rows).to(self.pool.device) if rows else torch.zeros(0, dtype=torch.long).to(
             self.pool.device)
         try:
-            logits = self.llm.forward_batch(torch.cat(tokens), torch.cat(positions), batch)  # [M, V]
+            logits = self._llm_pass(torch.cat(tokens), torch.cat(positions), batch, plan.decode, budget)  # [M, V]
         except BaseException:
             for p in parts:
                 p.seq.pending -= p.n
             raise
-        self._draft_ahead(plan.decode, budget)
         self.steps += 1
         self.batch_sizes.append(len(parts))
 
@@ -353,23 +357,59 @@ class Engine:
                 self.notices.append(notice)
         return outputs
 
-    def _draft_ahead(self, decode: list[Sequence], budget: int) -> None:
-        """While the LLM's pass runs (it is only enqueued), the SSMs go on growing the trees it verifies, on
-        their own stream: what lies under the LLM's next token is kept for the next tree, so the next
-        drafting starts part grown (speculate.py, ``Drafter.draft_ahead``)."""
+    def _ahead_rounds(self, decode: list[Sequence], budget: int) -> int:
+        """SSM forwards that may draft ahead during this step's LLM pass (0: none; see ``_llm_pass``)."""
         rounds = self.tree_cfg.draft_ahead
         if budget <= 0 or not decode or self.tree_cfg.expansion or rounds == 0:
-            return
-        gpu = self.llm.device.type == "cuda"
+            return 0
         if rounds is None:  # by default only where the pass leaves the GPU idle: streamed layers
-            if not gpu or isinstance(self.llm.weights.layers, ResidentLayers) or any(d.stream is None for d in self.drafters):
-                return
+            if (self.llm.device.type != "cuda" or isinstance(self.llm.weights.layers, ResidentLayers)
+                    or self._ssm_is_llm or any(d.stream is None for d in self.drafters)):
+                return 0
             rounds = self.tree_cfg.max_processed()
-        stop = lambda: False  # noqa: E731
-        if gpu:
-            done = torch.cuda.Event()
-            done.record()
-            stop = done.query
+        return rounds
+
+    def _llm_pass(self, tokens: torch.Tensor, positions: torch.Tensor, batch, decode: list[Sequence],
+                  budget: int) -> torch.Tensor:
+        """The LLM's forward of this step (logits ``[M, V]``). When drafting ahead, the SSMs go on growing
+        the trees it verifies meanwhile, on their own streams: what lies under the LLM's next token is
+        kept for the next tree, so the next drafting starts part grown (speculate.py,
+        ``Drafter.draft_ahead``). The pass is then enqueued from a worker thread: enqueuing a streamed
+        pass keeps the host busy for about half of the pass, and PyTorch releases the GIL inside each
+        operation, so the SSM's rounds and the LLM's enqueuing interleave instead of drafting waiting
+        for the whole pass to be enqueued."""
+        rounds = self._ahead_rounds(decode, budget)
+        if not rounds:
+            return self.llm.forward_batch(tokens, positions, batch)
+        if self._ssm_is_llm:  # one after the other
+            logits = self.llm.forward_batch(tokens, positions, batch)
+            self._ahead(decode, rounds, lambda: False)
+            return logits
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="offload-infer-llm")
+        gpu = self.llm.device.type == "cuda"
+
+        def enqueue() -> tuple[torch.Tensor, torch.cuda.Event | None]:
+            if gpu:
+                torch.cuda.set_device(self.llm.device)
+            logits = self.llm.forward_batch(tokens, positions, batch)
+            done = None
+            if gpu:
+                done = torch.cuda.Event()
+                done.record()
+            return logits, done
+
+        job = self._worker.submit(enqueue)
+        # on a GPU, draft until the pass is done; elsewhere (tests) exactly ``rounds``, beside the pass
+        stop = (lambda: job.done() and (job.exception() is not None or job.result()[1].query())) if gpu else (
+            lambda: False)
+        try:
+            self._ahead(decode, rounds, stop)
+        finally:
+            logits, _ = job.result()  # the LLM's tensors stay untouched until its enqueuing is over
+        return logits
+
+    def _ahead(self, decode: list[Sequence], rounds: int, stop: Callable[[], bool]) -> None:
         for j, d in enumerate(self.drafters):
             d.draft_ahead([s.drafts[j] for s in decode], rounds, stop)
         for s in decode:

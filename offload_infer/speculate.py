@@ -80,6 +80,11 @@ class TreeConfig:
             return self.max_nodes
         return PROCESSED_PER_BUDGET * self.budget
 
+    def pending_slots(self) -> int:
+        """Pending (speculated) slots of one request in an SSM's cache: the nodes one tree processes, twice
+        over when drafting ahead (what was carried from the last pass, then a whole tree's growth)."""
+        return self.max_processed() * (1 if self.draft_ahead == 0 or self.expansion else 2)
+
 
 @dataclass
 class DraftState:
@@ -251,7 +256,7 @@ class Drafter:
     def slots_for(self, llm_slots: int) -> int:
         """Slots a request needs here when it needs ``llm_slots`` in the LLM: its sequence plus the
         most nodes one tree may process."""
-        return llm_slots + self.cfg.max_processed() + 1
+        return llm_slots + self.cfg.pending_slots() + 1
 
     def admit(self, llm_slots: int, committed: list[int]) -> DraftState:
         return DraftState(self.pool.allocate(self.slots_for(llm_slots)), list(committed))
@@ -424,8 +429,10 @@ class Drafter:
         g.rank_top(budget)
         expected = 1 + sum(math.exp(g.score[i]) for i in g.top)  # tokens the pass yields, by the estimates
         rounds = 1  # SSM forwards so far (the first read the backlog)
+        # a whole tree's growth beyond what was carried from drafting ahead (pending already)
+        limit = min(self.cfg.pending_slots(), st.kv.pending + self.cfg.max_processed())
         while True:
-            todo = g.todo(self.cfg.expand_ratio, self.cfg.max_processed())
+            todo = g.todo(self.cfg.expand_ratio, limit)
             if not todo:
                 break
             lps_all, toks_all = yield self._ask_nodes(st, todo, g.k)
@@ -444,9 +451,9 @@ class Drafter:
         """Best-first growth continued past the proposed tree (drafting ahead), within the SSM's cache."""
         g = st.growth
         assert g is not None
-        g.rank_top(self.cfg.max_processed())
+        g.rank_top(self.cfg.pending_slots())
         while True:
-            todo = g.todo(self.cfg.expand_ratio, self.cfg.max_processed())
+            todo = g.todo(self.cfg.expand_ratio, self.cfg.pending_slots())
             if not todo:
                 return
             lps_all, toks_all = yield self._ask_nodes(st, todo, g.k)

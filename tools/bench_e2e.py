@@ -111,7 +111,7 @@ def draft_round_ms(ssm, budgets=(1, 4, 16, 64, 256), static: bool = True, runs: 
     out = {}
     for b in budgets:
         tree_cfg = TreeConfig(budget=b, max_depth=12)
-        d = Drafter(ssm, ssm.vocab_size, tree_cfg, -(-(max_len + tree_cfg.max_processed() + 1) // 16) + 1, 16,
+        d = Drafter(ssm, ssm.vocab_size, tree_cfg, -(-(max_len + tree_cfg.pending_slots() + 1) // 16) + 1, 16,
                     static=static)
         d.capture_graphs([1], [256])
         st = d.admit(max_len, torch.randint(3, 1000, (PROMPT,)).tolist())

@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--auto-max", type=int, default=None, help="auto's largest budget [default: the largest of --budgets]")
     ap.add_argument("--peer", action="store_true", help="transformers' assisted generation with the same pair")
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each config (the median run by tokens/s is shown)")
     ap.add_argument("--categories", default=",".join(CATEGORIES))
     ap.add_argument("--limit", type=int, default=None, help="first N prompts of each category (a quick look)")
     ap.add_argument("--no-incremental", action="store_true",
@@ -167,7 +168,7 @@ def main() -> None:
     def run(engine) -> dict:
         res = {}
         for cat, ps in prompts.items():
-            outs, produced, passes, rounds, ahead = [], 0, 0, 0, 0
+            outs, produced, passes, rounds, ahead, drafting = [], 0, 0, 0, 0, 0.0
             sync()
             t0 = time.perf_counter()
             for p in ps:
@@ -177,12 +178,13 @@ def main() -> None:
                 passes += len(st.tokens_per_pass)
                 rounds += sum(st.ssm_calls)
                 ahead += sum(st.ahead_calls)
+                drafting += st.ssm_time_s
             sync()
             wall = time.perf_counter() - t0
             res[cat] = {"outputs": outs, "tokens": sum(map(len, outs)), "seconds": wall,
                         "tokens_per_pass": produced / max(1, passes), "produced_after_first": produced,
                         "passes_after_first": passes, "ssm_rounds_per_pass": rounds / max(1, passes),
-                        "ahead_rounds_per_pass": ahead / max(1, passes)}
+                        "ahead_rounds_per_pass": ahead / max(1, passes), "drafting_seconds": drafting}
         return res
 
     base = {} if args.no_incremental else run(Engine(llm.model, max_sequence_length=1024, eos_ids=eos))
@@ -200,13 +202,15 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
                "args": {k: v for k, v in vars(args).items() if k != "eos"}, "incremental": base, "trees": {}}
     print(f"{'config':<34} {'category':<15} {'tok/pass':>8} {'rounds':>6} {'ahead':>6} {'same':>6} {'tok/s':>7} "
-          f"{'time s':>7}", flush=True)
+          f"{'time s':>7} {'draft s':>7}", flush=True)
     for cat, r in base.items():
         print(f"{'incremental':<34} {cat:<15} {1.0:>8.2f} {'':>6} {'':>6} {'':>6} {r['tokens'] / r['seconds']:>7.2f} "
               f"{r['seconds']:>7.1f}", flush=True)
     for name, cfg in configs.items():
         engine = Engine(llm.model, [ssm.model], cfg, max_sequence_length=1024, eos_ids=eos, valid_vocab=vocab)
-        res = run(engine)
+        runs = [run(engine) for _ in range(args.repeat)]  # the same engine: later runs start with learned figures
+        speeds = [sum(r["tokens"] for r in x.values()) / sum(r["seconds"] for r in x.values()) for x in runs]
+        res = sorted(runs, key=lambda x: speeds[runs.index(x)])[len(runs) // 2]  # the median run (by tokens/s)
         for cat, r in res.items():
             outs = r.pop("outputs")
             refs.setdefault(cat, outs)  # without incremental decoding: the first config's outputs
@@ -214,17 +218,22 @@ def main() -> None:
             r["prompts"] = len(outs)
             print(f"{name:<34} {cat:<15} {r['tokens_per_pass']:>8.2f} {r['ssm_rounds_per_pass']:>6.2f} "
                   f"{r['ahead_rounds_per_pass']:>6.2f} {r['identical']:>3}/{len(outs):<2} "
-                  f"{r['tokens'] / r['seconds']:>7.2f} {r['seconds']:>7.1f}", flush=True)
+                  f"{r['tokens'] / r['seconds']:>7.2f} {r['seconds']:>7.1f} {r['drafting_seconds']:>7.1f}", flush=True)
         tokens = sum(r["tokens"] for r in res.values())
         seconds = sum(r["seconds"] for r in res.values())
         n_passes = sum(r["passes_after_first"] for r in res.values())
         pooled = sum(r["produced_after_first"] for r in res.values()) / n_passes
         rounds = sum(r["ssm_rounds_per_pass"] * r["passes_after_first"] for r in res.values()) / n_passes
         ahead = sum(r["ahead_rounds_per_pass"] * r["passes_after_first"] for r in res.values()) / n_passes
+        drafting = sum(r["drafting_seconds"] for r in res.values())
         res["all"] = {"tokens_per_s": tokens / seconds, "tokens_per_pass": pooled, "ssm_rounds_per_pass": rounds,
-                      "ahead_rounds_per_pass": ahead}
+                      "ahead_rounds_per_pass": ahead, "seconds": seconds, "drafting_seconds": drafting}
         print(f"{name:<34} {'all':<15} {pooled:>8.2f} {rounds:>6.2f} {ahead:>6.2f} {'':>6} {tokens / seconds:>7.2f} "
-              f"{seconds:>7.1f}", flush=True)
+              f"{seconds:>7.1f} {drafting:>7.1f}", flush=True)
+        if args.repeat > 1:
+            res["all"]["tokens_per_s_runs"] = speeds
+            print(f"{name:<34} tokens/s of {args.repeat} runs: {', '.join(f'{x:.1f}' for x in speeds)} "
+                  f"(median run shown)", flush=True)
         results["trees"][name] = res
     if args.peer:
         results["peer"] = peer_passes(args, prompts, refs, dtype, dev)
