@@ -388,10 +388,11 @@ class Engine:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="offload-infer-llm")
         gpu = self.llm.device.type == "cuda"
+        index = (torch.cuda.current_device() if self.llm.device.index is None else self.llm.device.index) if gpu else 0
 
         def enqueue() -> tuple[torch.Tensor, torch.cuda.Event | None]:
             if gpu:
-                torch.cuda.set_device(self.llm.device)
+                torch.cuda.set_device(index)  # a thread's current device is its own
             logits = self.llm.forward_batch(tokens, positions, batch)
             done = None
             if gpu:
