@@ -14,6 +14,7 @@ Without SSMs the tree is the root alone: plain incremental decoding.
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from offload_infer.tree import TokenTree
 from offload_infer.verify import verify
 
 BLOCK_SIZE = 16  # KV slots per pool block
+SWITCH_INTERVAL_S = 1e-4  # the interpreter's thread switch interval while the SSMs draft beside the LLM's pass
 
 
 def _default_kv_cap(device: torch.device) -> int:
@@ -400,6 +402,10 @@ class Engine:
                 done.record()
             return logits, done
 
+        # the SSMs' bookkeeping between their GPU waits is pure Python, which holds the GIL for up to the
+        # switch interval (5 ms): the LLM's thread, which must keep issuing layer copies, gets it back sooner
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
         job = self._worker.submit(enqueue)
         # on a GPU, draft until the pass is done; elsewhere (tests) exactly ``rounds``, beside the pass
         stop = (lambda: job.done() and (job.exception() is not None or job.result()[1].query())) if gpu else (
@@ -407,7 +413,10 @@ class Engine:
         try:
             self._ahead(decode, rounds, stop)
         finally:
-            logits, _ = job.result()  # the LLM's tensors stay untouched until its enqueuing is over
+            try:
+                logits, _ = job.result()  # the LLM's tensors stay untouched until its enqueuing is over
+            finally:
+                sys.setswitchinterval(interval)
         return logits
 
     def _ahead(self, decode: list[Sequence], rounds: int, stop: Callable[[], bool]) -> None:
