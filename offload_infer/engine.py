@@ -14,9 +14,7 @@ Without SSMs the tree is the root alone: plain incremental decoding.
 from __future__ import annotations
 
 import itertools
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -35,7 +33,6 @@ from offload_infer.tree import TokenTree
 from offload_infer.verify import verify
 
 BLOCK_SIZE = 16  # KV slots per pool block
-SWITCH_INTERVAL_S = 1e-4  # the interpreter's thread switch interval while the SSMs draft beside the LLM's pass
 
 
 def _default_kv_cap(device: torch.device) -> int:
@@ -136,8 +133,7 @@ class Engine:
         self.notices: list[str] = []  # things a user should hear once (the CLI prints them)
         self.footprint: Footprint | None = None  # the memory pre-flight's figures, when a builder made one
         self._spec_check = SpeculationCheck()
-        self._worker: ThreadPoolExecutor | None = None  # enqueues the LLM's pass while the SSMs draft ahead
-        # an SSM that is the LLM itself shares its layer source, which is not safe to use from two threads
+        # an SSM that is the LLM itself shares its layer source: it cannot draft between the LLM's layers
         self._ssm_is_llm = any(getattr(getattr(m, "weights", None), "layers", None) is llm.weights.layers
                                for m in ssms)
 
@@ -376,54 +372,42 @@ class Engine:
         """The LLM's forward of this step (logits ``[M, V]``). When drafting ahead, the SSMs go on growing
         the trees it verifies meanwhile, on their own streams: what lies under the LLM's next token is
         kept for the next tree, so the next drafting starts part grown (speculate.py,
-        ``Drafter.draft_ahead``). The pass is then enqueued from a worker thread: enqueuing a streamed
-        pass keeps the host busy for about half of the pass, and PyTorch releases the GIL inside each
-        operation, so the SSM's rounds and the LLM's enqueuing interleave instead of drafting waiting
-        for the whole pass to be enqueued."""
+        ``Drafter.draft_ahead``). Enqueuing a streamed pass keeps the host busy for about half of the
+        pass, so drafting does not wait for it: between two layers, while the layer copies already
+        issued keep the copy engine busy, the SSMs' round in flight is taken in and the next one
+        started (``between``); once the pass is enqueued they draft until it is done."""
         rounds = self._ahead_rounds(decode, budget)
         if not rounds:
             return self.llm.forward_batch(tokens, positions, batch)
-        if self._ssm_is_llm:  # one after the other
-            logits = self.llm.forward_batch(tokens, positions, batch)
-            self._ahead(decode, rounds, lambda: False)
-            return logits
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="offload-infer-llm")
+        layers = self.llm.weights.layers
         gpu = self.llm.device.type == "cuda"
-        index = (torch.cuda.current_device() if self.llm.device.index is None else self.llm.device.index) if gpu else 0
+        done: list[torch.cuda.Event] = []  # recorded once the pass is enqueued
+        # on a GPU, draft until the pass is done; elsewhere (tests) exactly ``rounds``, between its layers
+        stop = (lambda: bool(done) and done[0].query()) if gpu else (lambda: False)
+        runs = [d.start_ahead([s.drafts[j] for s in decode], rounds, stop) for j, d in enumerate(self.drafters)]
+        busy = getattr(layers, "copies_in_flight", lambda: True)
 
-        def enqueue() -> tuple[torch.Tensor, torch.cuda.Event | None]:
-            if gpu:
-                torch.cuda.set_device(index)  # a thread's current device is its own
-            logits = self.llm.forward_batch(tokens, positions, batch)
-            done = None
-            if gpu:
-                done = torch.cuda.Event()
-                done.record()
-            return logits, done
+        def between() -> None:
+            if busy():  # the LLM's copies come first: draft only while they cannot run dry
+                for r in runs:
+                    r.poll()
 
-        # the SSMs' bookkeeping between their GPU waits is pure Python, which holds the GIL for up to the
-        # switch interval (5 ms): the LLM's thread, which must keep issuing layer copies, gets it back sooner
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
-        job = self._worker.submit(enqueue)
-        # on a GPU, draft until the pass is done; elsewhere (tests) exactly ``rounds``, beside the pass
-        stop = (lambda: job.done() and (job.exception() is not None or job.result()[1].query())) if gpu else (
-            lambda: False)
+        shared = self._ssm_is_llm  # an SSM that is the LLM itself drafts after the pass, not inside it
+        if not shared:
+            layers.between = between
         try:
-            self._ahead(decode, rounds, stop)
+            logits = self.llm.forward_batch(tokens, positions, batch)
         finally:
-            try:
-                logits, _ = job.result()  # the LLM's tensors stay untouched until its enqueuing is over
-            finally:
-                sys.setswitchinterval(interval)
-        return logits
-
-    def _ahead(self, decode: list[Sequence], rounds: int, stop: Callable[[], bool]) -> None:
-        for j, d in enumerate(self.drafters):
-            d.draft_ahead([s.drafts[j] for s in decode], rounds, stop)
+            if not shared:
+                layers.between = None
+        if gpu:
+            done.append(torch.cuda.Event())
+            done[0].record()
+        for r in runs:
+            r.finish()
         for s in decode:
             s.stats.ahead_calls.append(sum(st.ahead for st in s.drafts))
+        return logits
 
     def _verify_and_commit(self, decode: list[Sequence], trees: list[TokenTree], logits: torch.Tensor, budget: int,
                            depths: list[int], t0: float, t1: float, timed: bool) -> list[StepOutput]:

@@ -14,7 +14,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -299,6 +299,8 @@ class StreamedLayers:
         self.bytes_streamed = 0  # host-to-device bytes since creation (benchmarks read it)
         self._issued: set[int] = set()  # positions in ``order`` whose copy is in flight for this pass
         self.cuda = device.type == "cuda" and bool(self.order)
+        self.between: Callable[[], None] | None = None  # called before each layer (other host work)
+        self._newest = -1  # ring slot of the copy issued last
         if self.cuda:
             size = max(p.buffer.numel() for p in packed.values())
             self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(self.ring)]
@@ -317,6 +319,7 @@ class StreamedLayers:
             self.copy_stream.wait_event(self.free[s])  # the slot's previous layer is done with it
             self.slots[s][: buf.numel()].copy_(buf, non_blocking=True)
             self.ready[s].record(self.copy_stream)
+        self._newest = s
         self.bytes_streamed += buf.numel()
         self._issued.add(pos)
 
@@ -325,10 +328,19 @@ class StreamedLayers:
             for pos in range(self.ring):
                 self._issue(pos)
 
+    def copies_in_flight(self) -> bool:
+        """Whether the layer copy issued last is still running (the host is ahead of the copy engine)."""
+        return not self.cuda or self._newest < 0 or not self.ready[self._newest].query()
+
     def layers(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
         pos = 0
         self.prefetch()  # no-op if already issued; otherwise the copies overlap the resident layers' compute
         for i in range(self.n_layers):
+            if self.between is not None and i not in self.resident and self.cuda:
+                for ahead in range(pos, pos + self.ring):
+                    self._issue(ahead)  # issued first: the other work runs while they stream
+            if self.between is not None:
+                self.between()
             if i in self.resident:
                 w = self.resident[i]
                 yield i, (unpack_layer(w.buffer, w, self.dtype) if isinstance(w, PackedLayer) else w)

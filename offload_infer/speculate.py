@@ -297,19 +297,34 @@ class Drafter:
         """Serve the growths in ``active`` (request index -> generator, its pending ask) one batched SSM
         forward per round, until all are done, ``rounds`` were made or ``stop()``; a finished growth leaves
         ``active`` and its value goes to ``finished[i]``. Returns each request's rounds."""
+        g = self._rounds(states, active, finished, rounds, stop)
+        while True:
+            try:
+                next(g)  # each round's results are awaited at once
+            except StopIteration as done:
+                return done.value
+
+    def _rounds(self, states: list[DraftState], active: dict[int, tuple[Generator, _Forward]],
+                finished: list | None, rounds: float, stop: Callable[[], bool]
+                ) -> Generator["_Round", None, dict[int, int]]:
+        """``_drive``'s loop, yielding each round once its SSM forward is enqueued: the caller resumes it
+        when it likes (when the round is ``ready()``, or to wait for it)."""
         made = dict.fromkeys(active, 0)
-        with self._on_stream():
-            while active and max(made.values()) < rounds and not stop():
-                order = list(active)
-                results = self._run([states[i] for i in order], [active[i][1] for i in order])
-                for i, res in zip(order, results):
-                    made[i] += 1
-                    try:
-                        active[i] = (active[i][0], active[i][0].send(res))
-                    except StopIteration as done:
-                        if finished is not None:
-                            finished[i] = done.value
-                        del active[i]
+        while active and max(made.values()) < rounds and not stop():
+            order = list(active)
+            with self._on_stream():
+                r = self._launch([states[i] for i in order], [active[i][1] for i in order])
+            yield r
+            with self._on_stream():
+                results = self._collect(r)
+            for i, res in zip(order, results):
+                made[i] += 1
+                try:
+                    active[i] = (active[i][0], active[i][0].send(res))
+                except StopIteration as done:
+                    if finished is not None:
+                        finished[i] = done.value
+                    del active[i]
         return made
 
     def draft_ahead(self, states: list[DraftState], rounds: int, stop: Callable[[], bool] = lambda: False) -> int:
@@ -317,6 +332,13 @@ class Drafter:
         beyond what was proposed (the candidates for the LLM's next token, and below them), at most
         ``rounds`` SSM forwards, until ``stop()``. ``commit`` then keeps what lies under the LLM's next
         token for the next tree. Returns the SSM forwards made."""
+        run = self.start_ahead(states, rounds, stop)
+        return run.finish()
+
+    def start_ahead(self, states: list[DraftState], rounds: int, stop: Callable[[], bool] = lambda: False
+                    ) -> "AheadRun":
+        """``draft_ahead`` made resumable: ``poll()`` it between other host work (the LLM's layers being
+        enqueued), then ``finish()`` it."""
         active: dict[int, tuple[Growth, _Forward]] = {}
         for i, st in enumerate(states):
             st.ahead = 0
@@ -326,13 +348,7 @@ class Drafter:
                     active[i] = (g, next(g))
                 except StopIteration:
                     pass
-        made = self._drive(states, active, rounds=rounds, stop=stop)
-        for i, n in made.items():
-            states[i].ahead = n
-        for i, (_, ask) in active.items():  # asks left unsent: their nodes were not processed after all
-            for x in ask.nodes:
-                del states[i].slot[x]
-        return max(made.values(), default=0)
+        return AheadRun(states, active, self._rounds(states, active, None, rounds, stop))
 
     def _on_stream(self):
         """The SSM's GPU work runs on a stream of its own, so that it can run beside the LLM's pass."""
@@ -340,6 +356,10 @@ class Drafter:
 
     def _run(self, states: list[DraftState], asks: list[_Forward]) -> list[tuple[list[list[float]], list[list[int]]]]:
         """One batched SSM forward; each ask gets the log-probabilities and ids of its rows' top children."""
+        return self._collect(self._launch(states, asks))
+
+    def _launch(self, states: list[DraftState], asks: list[_Forward]) -> "_Round":
+        """Enqueue one batched SSM forward and the transfer of its rows' top children to the host."""
         parts = [Part(st.kv, len(a.tokens), a.mask) for st, a in zip(states, asks)]
         wanted, offset = [], 0
         for a in asks:
@@ -359,11 +379,25 @@ class Drafter:
         top = torch.topk(logp, min(k, self.valid_vocab), dim=-1)
         # one transfer for every request: ids ride along as floats (exact below 2**24)
         assert self.valid_vocab < 1 << 24, "token ids would not survive the float transfer"
-        both = torch.cat([top.values, top.indices.float()], dim=1).tolist()  # [M, 2k]
-        kk = top.values.shape[1]
-        values, indices = [r[:kk] for r in both], [[int(t) for t in r[kk:]] for r in both]
+        both = torch.cat([top.values, top.indices.float()], dim=1)  # [M, 2k]
+        done = None
+        if both.is_cuda:
+            host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+            host.copy_(both, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            both = host
+        return _Round(asks, wanted, both, top.values.shape[1], done)
+
+    @staticmethod
+    def _collect(r: "_Round") -> list[tuple[list[list[float]], list[list[int]]]]:
+        """Each ask's rows' top children, once the round's forward is done (waits for it)."""
+        if r.done is not None:
+            r.done.synchronize()
+        both, kk = r.top.tolist(), r.k
+        values, indices = [x[:kk] for x in both], [[int(t) for t in x[kk:]] for x in both]
         out, row = [], 0
-        for a, w in zip(asks, wanted):
+        for a, w in zip(r.asks, r.wanted):
             out.append(([v[: a.k] for v in values[row: row + len(w)]], [t[: a.k] for t in indices[row: row + len(w)]]))
             row += len(w)
         return out
@@ -517,6 +551,53 @@ class Drafter:
         for x in below:
             st.carry[path[x]] = (index[x], *g.expanded[x])
         return below
+
+
+@dataclass
+class _Round:
+    """One SSM forward in flight: the asks it serves, its rows per ask, and its rows' top-k log-probabilities
+    and ids (``[M, 2k]``, on the host once ``done`` has happened; None: already)."""
+
+    asks: list[_Forward]
+    wanted: list[list[int]]
+    top: Tensor
+    k: int
+    done: torch.cuda.Event | None
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+
+class AheadRun:
+    """Drafting ahead in progress (``Drafter.start_ahead``): one round in flight at a time."""
+
+    def __init__(self, states: list[DraftState], active: dict[int, tuple[Growth, _Forward]],
+                 rounds: Generator[_Round, None, dict[int, int]]) -> None:
+        self.states, self.active, self.rounds = states, active, rounds
+        self.current: _Round | None = None
+        self.made: dict[int, int] | None = None  # each request's rounds, once over
+
+    def _advance(self) -> None:
+        try:
+            self.current = next(self.rounds)
+        except StopIteration as done:
+            self.current, self.made = None, done.value
+
+    def poll(self) -> None:
+        """Without waiting: take in the round in flight if it is done, and start the next."""
+        if self.made is None and (self.current is None or self.current.ready()):
+            self._advance()
+
+    def finish(self) -> int:
+        """Go on until ``rounds`` or ``stop()`` (waiting for each round); returns the SSM forwards made."""
+        while self.made is None:
+            self._advance()
+        for i, n in self.made.items():
+            self.states[i].ahead = n
+        for i, (_, ask) in self.active.items():  # asks left unsent: their nodes were not processed after all
+            for x in ask.nodes:
+                del self.states[i].slot[x]
+        return max(self.made.values(), default=0)
 
 
 def fuse_layers(model: CausalLM) -> None:

@@ -95,8 +95,7 @@ class StaticForward:
         torch.cuda.current_stream(dev).wait_stream(side)
         self.captures += 1
         bk.graph = torch.cuda.CUDAGraph()
-        # thread-local: the LLM's pass may be enqueued from another thread meanwhile (engine.py, drafting ahead)
-        with torch.cuda.graph(bk.graph, pool=self._pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(bk.graph, pool=self._pool):
             bk.logits = self._run(bk)
 
     def _bucket(self, shape: tuple[int, int, int]) -> _Bucket:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +19,7 @@ class LayerSource(Protocol):
     """Gives each decoder layer's weights, on the compute device, in order."""
 
     n_layers: int
+    between: Callable[[], None] | None  # called before each layer is used: other host work fits there
 
     def layers(self) -> Iterator[tuple[int, dict[str, Tensor]]]: ...
 
@@ -31,9 +32,13 @@ class ResidentLayers:
     def __init__(self, layers: list[dict[str, Tensor]]) -> None:
         self._layers = layers
         self.n_layers = len(layers)
+        self.between: Callable[[], None] | None = None  # called before each layer (other host work)
 
     def layers(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
-        yield from enumerate(self._layers)
+        for i, w in enumerate(self._layers):
+            if self.between is not None:
+                self.between()
+            yield i, w
 
     def prefetch(self) -> None:
         return None
