@@ -389,8 +389,9 @@ class Engine:
 
         def between() -> None:
             if busy():  # the LLM's copies come first: draft only while they cannot run dry
-                for r in runs:
-                    r.poll()
+                with torch.inference_mode(False):  # the drafting state outlives the LLM's forward
+                    for r in runs:
+                        r.poll()
 
         shared = self._ssm_is_llm  # an SSM that is the LLM itself drafts after the pass, not inside it
         if not shared:
