@@ -125,7 +125,11 @@ class Engine:
             is_llm = m is llm or getattr(getattr(m, "weights", None), "layers", None) is llm.weights.layers
             self.drafters.append(Drafter(m, vocab, self.tree_cfg, ssm_pool_blocks(n_blocks, full, self.tree_cfg),
                                          BLOCK_SIZE, ssm_static, fuse=False if is_llm else None))
-        self.auto = AutoBudget(self.tree_cfg.budget) if self.tree_cfg.auto and ssms else None
+        # measured step costs: auto chooses each pass's budget by them; best-first growth weighs another
+        # level's drafting against them (``TreeConfig.weigh_rounds``)
+        learn = ssms and not self.tree_cfg.expansion and (self.tree_cfg.auto or self.tree_cfg.weigh_rounds)
+        self.costs = AutoBudget(self.tree_cfg.budget) if learn else None
+        self.auto = self.costs if self.tree_cfg.auto and ssms else None
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self.steps = 0  # LLM passes so far
@@ -293,7 +297,7 @@ class Engine:
         if budget > 0 and plan.decode:
             for j, d in enumerate(self.drafters):
                 grown = d.draft([s.drafts[j] for s in plan.decode], depths, [budget] * len(plan.decode),
-                                level_cost=self.auto.level_cost(budget) if self.auto else None)
+                                level_cost=self.costs.level_cost(budget) if self.costs else None)
                 for tree, g in zip(trees, grown):
                     tree.merge(g)
         t1 = time.perf_counter()
@@ -440,11 +444,11 @@ class Engine:
             if self.drafters:
                 s.stats.budgets.append(budget)
                 s.stats.ssm_calls.append(sum(st.calls for st in s.drafts))
-            if self.auto and budget > 0 and depth >= 1:
+            if self.costs and budget > 0 and depth >= 1:
                 # one timed record per step (the step's time is shared); a request's first drafting
                 # forwards its whole prompt through the SSMs, a one-time cost
                 first = len(s.output) == 1
-                self.auto.observe(budget, tree, path, t2 - t0, t1 - t0, timed=timed and not first)
+                self.costs.observe(budget, tree, path, t2 - t0, t1 - t0, timed=timed and not first)
                 timed = False
             s.root = nxt
             gained.append((s, accepted + [nxt], tree, path))

@@ -46,6 +46,10 @@ class TreeConfig:
     branch: int = 8  # children considered per expanded node in best-first growth
     calibrated: bool = True  # best-first ranks by learned acceptance (False: by the SSM's probabilities)
     expand_ratio: float = EXPAND_RATIO  # a round expands candidates scoring this fraction of the best (0: all)
+    # best-first growth stops once another drafting round (one SSM forward) would lower the expected tokens
+    # per second, by the round's and the LLM pass's measured times (auto always weighs them); False: grow
+    # until the budget's best nodes are all expanded, however long that takes
+    weigh_rounds: bool = True
     # SSM forwards drafting ahead while the LLM verifies (best-first trees; what lies under the LLM's next
     # token is kept for the next tree): None = on a GPU with a streamed LLM, until its pass is done. Off by
     # default: on the H200 with the Qwen2.5-Coder pair it saved ~1.2 drafting rounds a pass but no tokens/s
