@@ -12,7 +12,9 @@ accepted tokens that were leaves of its tree and the LLM's bonus token). Two way
   confident chain grows a level per round without spending the cache on siblings it will outrank), and
   growth stops when all of the best ``budget`` are expanded: the kept set is then exactly the best
   ``budget`` nodes reachable with at most ``branch`` children per node. Depth is bounded by the budget
-  alone (a chain of the whole budget is possible), or by ``max_depth`` when set.
+  alone (a chain of the whole budget is possible), or by ``max_depth`` when set. With measured costs
+  (``level_cost``: a round's time over the LLM pass's; ``TreeConfig.weigh_rounds``) growth stops sooner,
+  once another round would lower the expected tokens per second.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class TreeConfig:
     weigh_rounds: bool = True
     # SSM forwards drafting ahead while the LLM verifies (best-first trees; what lies under the LLM's next
     # token is kept for the next tree): None = on a GPU with a streamed LLM, until its pass is done. Off by
-    # default: on the H200 with the Qwen2.5-Coder pair it saved ~1.2 drafting rounds a pass but no tokens/s
+    # default: on the H200 with the Qwen2.5-Coder pair, drafting between the streamed layers made ~5.4
+    # rounds ahead and saved ~3.4 a pass, but the pass took as much longer (no tokens/s gained)
     draft_ahead: int | None = 0
 
     def __post_init__(self) -> None:
@@ -357,10 +360,6 @@ class Drafter:
     def _on_stream(self):
         """The SSM's GPU work runs on a stream of its own, so that it can run beside the LLM's pass."""
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
-
-    def _run(self, states: list[DraftState], asks: list[_Forward]) -> list[tuple[list[list[float]], list[list[int]]]]:
-        """One batched SSM forward; each ask gets the log-probabilities and ids of its rows' top children."""
-        return self._collect(self._launch(states, asks))
 
     def _launch(self, states: list[DraftState], asks: list[_Forward]) -> "_Round":
         """Enqueue one batched SSM forward and the transfer of its rows' top children to the host."""

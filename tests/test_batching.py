@@ -316,13 +316,13 @@ def test_slow_speculation_is_reported_once_and_auto_turns_it_off(models, monkeyp
     from offload_infer.speculate import Drafter
 
     llm, ssm = models["llm"], models["ssm"]
-    real = Drafter._run
+    real = Drafter._launch
 
     def slow(self, states, asks):  # a drafting round that costs far more than the LLM pass
         _time.sleep(0.01)
         return real(self, states, asks)
 
-    monkeypatch.setattr(Drafter, "_run", slow)
+    monkeypatch.setattr(Drafter, "_launch", slow)
     engine = Engine(llm, [ssm], TreeConfig(budget=4), max_sequence_length=96)
     alone(engine, PROMPTS[0], SamplingParams(max_new_tokens=30, ignore_eos=True))
     assert len(engine.notices) == 1 and "slower than plain decoding" in engine.notices[0]

@@ -65,12 +65,40 @@ def test_a_reliable_ssm_grows_a_chain_of_the_whole_budget(sharp, calibrated):
     tokens; the output equals incremental decoding."""
     ref = [t for step in Engine(sharp, [], max_sequence_length=256).generate(PROMPT, 200) for t in step]
     stats = GenerationStats()
-    engine = Engine(sharp, [sharp], TreeConfig(budget=64, calibrated=calibrated), max_sequence_length=256)
+    # whole trees: here a drafting round costs about what a pass does, which weighing rounds would count
+    engine = Engine(sharp, [sharp], TreeConfig(budget=64, calibrated=calibrated, weigh_rounds=False),
+                    max_sequence_length=256)
     out = [t for step in engine.generate(PROMPT, 200, stats=stats) for t in step]
     assert out == ref
     assert stats.tokens_per_pass[:3] == [65, 65, 65], stats.tokens_per_pass
     assert stats.tree_sizes[:3] == [64, 64, 64]
     assert max(stats.ssm_calls[:3]) <= 66  # a level per round: the prompt's forward, 64 levels, one more
+
+
+def test_a_fixed_budget_stops_growing_when_rounds_cost_more_than_they_bring(sharp, monkeypatch):
+    """With drafting rounds made far dearer than the LLM's pass, a fixed budget's growth stops once the
+    measured costs say another level lowers the expected tokens per second (``weigh_rounds``, the
+    default): shallower trees, fewer SSM forwards a pass than whole trees, and the same output."""
+    import time
+
+    from offload_infer.speculate import Drafter
+
+    real = Drafter._launch
+
+    def slow(self, states, asks):
+        time.sleep(0.05)
+        return real(self, states, asks)
+
+    monkeypatch.setattr(Drafter, "_launch", slow)
+    ref = [t for step in Engine(sharp, [], max_sequence_length=256).generate(PROMPT, 60) for t in step]
+    calls = {}
+    for weigh in (False, True):
+        stats = GenerationStats()
+        engine = Engine(sharp, [sharp], TreeConfig(budget=16, weigh_rounds=weigh), max_sequence_length=256)
+        assert [t for step in engine.generate(PROMPT, 60, stats=stats) for t in step] == ref
+        calls[weigh] = stats.ssm_calls
+    assert min(calls[False][:-1]) >= 16, calls  # a level per round, the whole budget deep (the last: what is left)
+    assert max(calls[True][2:]) <= 8, calls  # once both costs are measured (after two passes)
 
 
 def test_max_depth_caps_the_tree(sharp):

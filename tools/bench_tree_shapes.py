@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--draft-ahead", action="append", default=None,
                     help="SSM rounds drafted ahead during each LLM pass: a number, or 'auto' (the default: on a GPU "
                     "with a streamed LLM, until the pass ends); repeatable: each config runs with each value")
+    ap.add_argument("--whole-trees", action="store_true", help="fixed budgets grow their whole trees, however many "
+                    "drafting rounds that takes (TreeConfig.weigh_rounds=False): tree shapes alone, not their cost")
     ap.add_argument("--auto", action="store_true")
     ap.add_argument("--auto-max", type=int, default=None, help="auto's largest budget [default: the largest of --budgets]")
     ap.add_argument("--peer", action="store_true", help="transformers' assisted generation with the same pair")
@@ -189,7 +191,8 @@ def main() -> None:
 
     base = {} if args.no_incremental else run(Engine(llm.model, max_sequence_length=1024, eos_ids=eos))
     refs = {cat: r.pop("outputs") for cat, r in base.items()}
-    configs = {f"budget {b}" + (f" (ratio {r})" if r != EXPAND_RATIO else ""): TreeConfig(budget=int(b), expand_ratio=r)
+    configs = {f"budget {b}" + (f" (ratio {r})" if r != EXPAND_RATIO else ""):
+               TreeConfig(budget=int(b), expand_ratio=r, weigh_rounds=not args.whole_trees)
                for b in args.budgets.split(",") if b for r in args.expand_ratios}
     configs |= {f"budget {b} (before)": TreeConfig(budget=int(b), calibrated=False, expand_ratio=0.0, max_depth=16)
                 for b in args.before.split(",") if b}
