@@ -121,8 +121,11 @@ class Engine:
                                  f"tokens ({llm.slot_bytes() * BLOCK_SIZE} bytes)")
         self.pool = llm.new_pool(n_blocks, BLOCK_SIZE)
         self.drafters = []
+        # an SSM that is the LLM itself shares its layer source: it cannot draft between the LLM's layers
+        self._ssm_is_llm = False
         for m in ssms:
             is_llm = m is llm or getattr(getattr(m, "weights", None), "layers", None) is llm.weights.layers
+            self._ssm_is_llm |= is_llm
             self.drafters.append(Drafter(m, vocab, self.tree_cfg, ssm_pool_blocks(n_blocks, full, self.tree_cfg),
                                          BLOCK_SIZE, ssm_static, fuse=False if is_llm else None))
         # measured step costs: auto chooses each pass's budget by them; best-first growth weighs another
@@ -137,9 +140,6 @@ class Engine:
         self.notices: list[str] = []  # things a user should hear once (the CLI prints them)
         self.footprint: Footprint | None = None  # the memory pre-flight's figures, when a builder made one
         self._spec_check = SpeculationCheck()
-        # an SSM that is the LLM itself shares its layer source: it cannot draft between the LLM's layers
-        self._ssm_is_llm = any(getattr(getattr(m, "weights", None), "layers", None) is llm.weights.layers
-                               for m in ssms)
 
     # ---- requests ----------------------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int]) -> None:

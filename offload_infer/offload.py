@@ -336,9 +336,9 @@ class StreamedLayers:
         pos = 0
         self.prefetch()  # no-op if already issued; otherwise the copies overlap the resident layers' compute
         for i in range(self.n_layers):
-            if self.between is not None and i not in self.resident and self.cuda:
+            if self.cuda and i not in self.resident:
                 for ahead in range(pos, pos + self.ring):
-                    self._issue(ahead)  # issued first: the other work runs while they stream
+                    self._issue(ahead)  # before any other host work: the copies stream meanwhile
             if self.between is not None:
                 self.between()
             if i in self.resident:
@@ -349,8 +349,6 @@ class StreamedLayers:
             if not self.cuda:
                 yield i, unpack_layer(layer.buffer, layer, self.dtype)
                 continue
-            for ahead in range(pos, pos + self.ring):
-                self._issue(ahead)
             s = pos % self.ring
             torch.cuda.current_stream(self.device).wait_event(self.ready[s])
             yield i, unpack_layer(self.slots[s], layer, self.dtype)
