@@ -78,6 +78,10 @@ class KVPool:
         self.scratch = n_blocks * block_size  # first slot of the scratch block
         self._kv_heads: dict[tuple[int, int], Tensor] = {}
         self.repeat_kv = self.device.type == "cuda"  # grouped-query attention repeats KV heads (grouped_attention)
+        # attention by two batched matrix products and a softmax, query heads grouped by their KV head
+        # (``BatchAttention.attend_by_matmul``): for a drafting SSM on a GPU, whose rounds are short; scores
+        # are kept in the model dtype, so not for an LLM (its numbers must not change)
+        self.matmul_attention = False
 
     def kv_head_of(self, n_heads: int, n_kv: int) -> Tensor:
         """``[H]``: the KV head each query head reads (grouped-query attention), on the pool's device."""
@@ -201,6 +205,7 @@ class BatchAttention:
         self.padded = rows.numel() == b * nb  # every request has Nb new tokens: no scatter needed
         self.real_rows: Tensor | None = None  # [N] (host) padded row of each real token, when built by batch()
         self._bias: Tensor | None = None  # the mask as 0 / -inf, made by a forward's first layer for all of them
+        self._grouped_bias: Tensor | None = None  # the same for ``attend_by_matmul``'s layout
 
     def _additive_mask(self, dtype: torch.dtype) -> Tensor:
         """``mask`` as an additive bias ``[B, Nb, S]`` (0 where visible, -inf elsewhere), its rows laid out
@@ -217,6 +222,8 @@ class BatchAttention:
         kl, vl = self.pool.k[layer], self.pool.v[layer]  # [KV, slots, D]
         kl.index_copy_(1, self.write_slots, k.transpose(0, 1))
         vl.index_copy_(1, self.write_slots, v.transpose(0, 1))
+        if self.pool.matmul_attention:
+            return self.attend_by_matmul(layer, q, kl, vl)
         b, nb, s = self.b, self.nb, self.gather.shape[1]
         n_kv = kl.shape[0]
         if n_kv != n_heads and self.pool.repeat_kv:  # gathered with each KV head repeated for its query heads
@@ -235,6 +242,28 @@ class BatchAttention:
             self._bias = self._additive_mask(q.dtype)
         out = grouped_attention(qp, keys, values, self._bias[:, None])  # [B, H, Nb, D]
         out = out.transpose(1, 2).reshape(b * nb, n_heads * head_dim)  # [B*Nb, H*D]
+        return out if self.padded else out.index_select(0, self.rows)
+
+    def attend_by_matmul(self, layer: int, q: Tensor, kl: Tensor, vl: Tensor) -> Tensor:
+        """Attention as ``softmax(q k^T / sqrt(D) + bias) v`` in three batched kernels, each KV head's query
+        heads stacked as rows of one product (no repeated keys): for short rounds, where the fused
+        kernels' launch grid is a handful of blocks. q ``[N, H, D]``, kl/vl ``[KV, slots, D]``; returns
+        ``[N, H * D]``."""
+        n, n_heads, head_dim = q.shape
+        b, nb, s = self.b, self.nb, self.gather.shape[1]
+        n_kv = kl.shape[0]
+        g = n_heads // n_kv
+        keys = kl.index_select(1, self.gather.flatten()).view(n_kv * b, s, head_dim)  # [KV*B, S, D]
+        values = vl.index_select(1, self.gather.flatten()).view(n_kv * b, s, head_dim)
+        qp = q if self.padded else q.new_zeros(b * nb, n_heads, head_dim).index_copy_(0, self.rows, q)  # [B*Nb, H, D]
+        # query head h reads KV head h // G: rows of KV head j are its G heads for each new token
+        qg = qp.view(b, nb, n_kv, g, head_dim).permute(2, 0, 1, 3, 4).reshape(n_kv * b, nb * g, head_dim)  # [KV*B, Nb*G, D]
+        if layer == 0 or self._grouped_bias is None or self._grouped_bias.dtype != q.dtype:
+            bias = torch.where(self.mask, 0.0, -torch.inf).to(q.dtype)  # [B, Nb, S]
+            self._grouped_bias = bias[None, :, :, None, :].expand(n_kv, b, nb, g, s).reshape(n_kv * b, nb * g, s)
+        scores = torch.baddbmm(self._grouped_bias, qg, keys.transpose(1, 2), alpha=head_dim ** -0.5)  # [KV*B, Nb*G, S]
+        out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [KV*B, Nb*G, D]
+        out = out.view(n_kv, b, nb, g, head_dim).permute(1, 2, 0, 3, 4).reshape(b * nb, n_heads * head_dim)  # [B*Nb, H*D]
         return out if self.padded else out.index_select(0, self.rows)
 
     def head_rows(self, x: Tensor) -> Tensor:

@@ -232,14 +232,16 @@ class Drafter:
                  static: bool | None = None, fuse: bool | None = None) -> None:
         """``static``: draft at padded fixed shapes (static_forward.py), replayed from CUDA graphs when
         the SSM is resident on a GPU; by default on exactly then. ``fuse``: merge the SSM's q/k/v and
-        gate/up projections in place (its forward is bound by its kernel count; by default when the SSM
-        is resident on a GPU; never pass it for a model that is also the LLM, whose numbers must not
-        change)."""
+        gate/up projections in place and attend by batched matrix products (``KVPool.matmul_attention``):
+        its forward is bound by its kernel count; by default when the SSM is resident on a GPU; never pass
+        it for a model that is also the LLM, whose numbers must not change."""
         self.model = model
-        if (can_use_graphs(model) if fuse is None else fuse):
+        fuse = can_use_graphs(model) if fuse is None else fuse
+        if fuse:
             fuse_layers(model)
         self.cfg = cfg
         self.pool = model.new_pool(n_blocks, block_size)
+        self.pool.matmul_attention = fuse  # likewise: three small kernels rather than one with a tiny grid
         self.valid_vocab = valid_vocab  # ids at or above this are embedding padding: never proposed
         self.calibration = AcceptanceCalibration()
         static = can_use_graphs(model) if static is None else static

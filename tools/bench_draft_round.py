@@ -1,7 +1,7 @@
 """What one drafting round costs, and where the time goes (issue 16).
 
     PYTHONPATH=. python tools/bench_draft_round.py [--ssm qwen2.5-0.5b] [--budgets 16,64] [--drafts 20]
-        [--device cuda] [--profile]
+        [--device cuda] [--attention matmul,sdpa] [--profile] [--kernels]
 
 A resident SSM with random weights at a real shape (the Qwen2.5-Coder 0.5B by default) drafts trees
 for one request with a 256-token prompt, through the engine's ``Drafter`` (CUDA graphs on a GPU).
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="list the GPU kernels of the last budget's drafts")
     ap.add_argument("--no-fuse", action="store_true", help="keep the SSM's projections unfused")
+    ap.add_argument("--attention", default="matmul", help="comma-separated: matmul (batched products, the default "
+                    "for a fused SSM), sdpa (PyTorch's fused kernel)")
     args = ap.parse_args()
     from offload_infer.speculate import Drafter, TreeConfig
 
@@ -47,9 +49,10 @@ def main() -> None:
     ssm = random_resident(shape, dev, dtype)
     prompt = torch.randint(0, 1000, (256,)).tolist()
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    for budget in [int(b) for b in args.budgets.split(",")]:
+    for attention, budget in [(a, int(b)) for a in args.attention.split(",") for b in args.budgets.split(",")]:
         d = Drafter(ssm, shape["vocab_size"], TreeConfig(budget=budget, calibrated=False), 64, 16,
                     fuse=not args.no_fuse and dev == "cuda")
+        d.pool.matmul_attention = attention == "matmul"
         st = d.admit(600, prompt)
         d.draft([st], [budget], [budget])  # prompt read, graphs captured
         d.commit([(st, [], 7)])
@@ -70,7 +73,7 @@ def main() -> None:
             d.commit([(st, [], 7 + i % 50)])
         med = statistics.median(times)
         rounds = statistics.median(calls)
-        print(f"budget {budget}: {med * 1e3:.2f} ms per draft, {rounds:.0f} rounds, {med / rounds * 1e3:.2f} ms per round "
+        print(f"{attention} attention, budget {budget}: {med * 1e3:.2f} ms per draft, {rounds:.0f} rounds, {med / rounds * 1e3:.2f} ms per round "
               f"(graphs captured {d.graphs_captured})", flush=True)
         if args.kernels and dev == "cuda":
             from torch.profiler import ProfilerActivity, profile

@@ -111,6 +111,53 @@ def peer_passes(args, prompts_by_cat, refs_by_cat, dtype, device) -> dict:
     return out
 
 
+def time_phases(engine, sync) -> dict[str, list[float]]:
+    """Wrap an engine's step to record, per decoding step, the host seconds of: drafting, the LLM pass's
+    enqueueing, waiting for the device (a synchronisation put where verification waits anyway),
+    verification and commits, and the rest of the step (inputs of the pass, bookkeeping)."""
+    rec: dict[str, list[float]] = {k: [] for k in ("step", "draft", "enqueue", "wait", "verify")}
+    cur: dict[str, float] = {}
+    step, llm_pass, verify, draft_of = engine.step, engine._llm_pass, engine._verify_and_commit, {}
+
+    def timed_pass(*a, **k):
+        t = time.perf_counter()
+        out = llm_pass(*a, **k)
+        cur["enqueue"] = time.perf_counter() - t
+        return out
+
+    def timed_verify(*a, **k):
+        t = time.perf_counter()
+        sync()
+        t1 = time.perf_counter()
+        out = verify(*a, **k)
+        cur["wait"], cur["verify"] = t1 - t, time.perf_counter() - t1
+        if a[0]:  # decoding requests (a prompt's first pass is not a decoding step)
+            cur["draft"] = a[6] - a[5]  # t1 - t0 of the step
+        return out
+
+    def timed_step():
+        cur.clear()
+        t = time.perf_counter()
+        out = step()
+        if "draft" in cur:
+            cur["step"] = time.perf_counter() - t
+            for k in rec:
+                rec[k].append(cur[k])
+        return out
+
+    engine._llm_pass, engine._verify_and_commit, engine.step = timed_pass, timed_verify, timed_step
+    return rec
+
+
+def report_phases(name: str, rec: dict[str, list[float]]) -> dict[str, float]:
+    n = max(1, len(rec["step"]))
+    ms = {k: 1e3 * sum(v) / n for k, v in rec.items()}
+    ms["rest"] = ms["step"] - ms["draft"] - ms["enqueue"] - ms["wait"] - ms["verify"]
+    print(f"{name:<34} phases, ms per step over {n} steps: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()),
+          flush=True)
+    return ms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--llm", default="qwen-1.5b")
@@ -138,6 +185,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="first N prompts of each category (a quick look)")
     ap.add_argument("--no-incremental", action="store_true",
                     help="skip incremental decoding (outputs are then compared with the first config's)")
+    ap.add_argument("--phases", action="store_true", help="time each step's phases (host timers; adds a device "
+                    "synchronisation before verification, which waits there anyway)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from offload_infer.speculate import EXPAND_RATIO
@@ -211,6 +260,7 @@ def main() -> None:
               f"{r['seconds']:>7.1f}", flush=True)
     for name, cfg in configs.items():
         engine = Engine(llm.model, [ssm.model], cfg, max_sequence_length=1024, eos_ids=eos, valid_vocab=vocab)
+        phases = time_phases(engine, sync) if args.phases else None
         runs = [run(engine) for _ in range(args.repeat)]  # the same engine: later runs start with learned figures
         speeds = [sum(r["tokens"] for r in x.values()) / sum(r["seconds"] for r in x.values()) for x in runs]
         res = sorted(runs, key=lambda x: speeds[runs.index(x)])[len(runs) // 2]  # the median run (by tokens/s)
@@ -237,6 +287,8 @@ def main() -> None:
             res["all"]["tokens_per_s_runs"] = speeds
             print(f"{name:<34} tokens/s of {args.repeat} runs: {', '.join(f'{x:.1f}' for x in speeds)} "
                   f"(median run shown)", flush=True)
+        if phases is not None:
+            res["all"]["phases_ms"] = report_phases(name, phases)
         results["trees"][name] = res
     if args.peer:
         results["peer"] = peer_passes(args, prompts, refs, dtype, dev)
