@@ -1,7 +1,8 @@
 """A paged key/value pool shared by every running request, and the batched attention over it.
 
-Storage per model: ``k``/``v`` ``[n_layers, n_kv_heads, slots, head_dim]``, the slots cut into blocks
-(block_manager.py). A request's ``SeqKV`` maps its logical positions to pool slots and keeps the
+Storage per model: ``kv`` ``[n_layers, slots, 2, n_kv_heads, head_dim]`` (a slot's keys, then its
+values), the slots cut into blocks (block_manager.py). Slot-major, keys and values together: a batch's
+slots are gathered, and pending entries committed, by one row indexing over whole slots. A request's ``SeqKV`` maps its logical positions to pool slots and keeps the
 same committed prefix / pending tail as ``KVCache``: slots ``[0, length)`` hold committed tokens,
 ``[length, length + pending)`` what was processed since the last commit (a token tree, a prefill
 chunk). ``commit`` keeps chosen pending entries right after the committed prefix.
@@ -71,9 +72,8 @@ class KVPool:
                  device: torch.device | str, dtype: torch.dtype) -> None:
         self.blocks = BlockManager(n_blocks, block_size)
         # one block more than the manager hands out: padding rows of a static forward write there
-        shape = (n_layers, n_kv_heads, (n_blocks + 1) * block_size, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.zeros(n_layers, (n_blocks + 1) * block_size, 2, n_kv_heads, head_dim, device=device,
+                              dtype=dtype)  # [layers, slots, k|v, KV, D]
         self.device = torch.device(device)
         self.scratch = n_blocks * block_size  # first slot of the scratch block
         self._kv_heads: dict[tuple[int, int], Tensor] = {}
@@ -134,8 +134,7 @@ class KVPool:
         if src:
             s, d = torch.cat(src).to(self.device), torch.cat(dst).to(self.device)
             # index_select copies first, so a source slot that is also a destination is read intact
-            self.k[:, :, d] = self.k.index_select(2, s)
-            self.v[:, :, d] = self.v.index_select(2, s)
+            self.kv[:, d] = self.kv.index_select(1, s)
 
     def batch(self, parts: list[Part], shape: tuple[int, int, int] | None = None, on_host: bool = False
               ) -> "BatchAttention":
@@ -219,20 +218,19 @@ class BatchAttention:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q ``[N, H, D]``, k/v ``[N, KV, D]`` (stored at the tokens' slots). Returns ``[N, H * D]``."""
         n, n_heads, head_dim = q.shape
-        kl, vl = self.pool.k[layer], self.pool.v[layer]  # [KV, slots, D]
-        kl.index_copy_(1, self.write_slots, k.transpose(0, 1))
-        vl.index_copy_(1, self.write_slots, v.transpose(0, 1))
-        if self.pool.matmul_attention:
-            return self.attend_by_matmul(layer, q, kl, vl)
+        kvl = self.pool.kv[layer]  # [slots, 2, KV, D]
+        kvl[:, 0].index_copy_(0, self.write_slots, k)
+        kvl[:, 1].index_copy_(0, self.write_slots, v)
         b, nb, s = self.b, self.nb, self.gather.shape[1]
-        n_kv = kl.shape[0]
-        if n_kv != n_heads and self.pool.repeat_kv:  # gathered with each KV head repeated for its query heads
-            # in one indexing kernel (see grouped_attention)
-            heads = self.pool.kv_head_of(n_heads, n_kv)[None, :, None]  # [1, H, 1]
-            keys, values = kl[heads, self.gather[:, None, :]], vl[heads, self.gather[:, None, :]]  # [B, H, S, D]
-        else:
-            keys = kl.index_select(1, self.gather.flatten()).view(n_kv, b, s, head_dim).transpose(0, 1)  # [B, KV, S, D]
-            values = vl.index_select(1, self.gather.flatten()).view(n_kv, b, s, head_dim).transpose(0, 1)
+        n_kv = kvl.shape[2]
+        seen = kvl.index_select(0, self.gather.flatten())  # [B*S, 2, KV, D]: every request's slots, one kernel
+        if self.pool.matmul_attention:
+            return self.attend_by_matmul(layer, q, seen)
+        seen = seen.view(b, s, 2, n_kv, head_dim)
+        if n_kv != n_heads and self.pool.repeat_kv:  # each KV head repeated for its query heads (see
+            # grouped_attention), in one indexing kernel
+            seen = seen[:, :, :, self.pool.kv_head_of(n_heads, n_kv)]  # [B, S, 2, H, D]
+        keys, values = seen[:, :, 0].transpose(1, 2), seen[:, :, 1].transpose(1, 2)  # [B, H or KV, S, D]
         if self.padded:
             qp = q
         else:
@@ -244,17 +242,17 @@ class BatchAttention:
         out = out.transpose(1, 2).reshape(b * nb, n_heads * head_dim)  # [B*Nb, H*D]
         return out if self.padded else out.index_select(0, self.rows)
 
-    def attend_by_matmul(self, layer: int, q: Tensor, kl: Tensor, vl: Tensor) -> Tensor:
+    def attend_by_matmul(self, layer: int, q: Tensor, seen: Tensor) -> Tensor:
         """Attention as ``softmax(q k^T / sqrt(D) + bias) v`` in three batched kernels, each KV head's query
         heads stacked as rows of one product (no repeated keys): for short rounds, where the fused
-        kernels' launch grid is a handful of blocks. q ``[N, H, D]``, kl/vl ``[KV, slots, D]``; returns
-        ``[N, H * D]``."""
+        kernels' launch grid is a handful of blocks. q ``[N, H, D]``, seen ``[B*S, 2, KV, D]`` (the
+        gathered slots); returns ``[N, H * D]``."""
         n, n_heads, head_dim = q.shape
         b, nb, s = self.b, self.nb, self.gather.shape[1]
-        n_kv = kl.shape[0]
+        n_kv = seen.shape[2]
         g = n_heads // n_kv
-        keys = kl.index_select(1, self.gather.flatten()).view(n_kv * b, s, head_dim)  # [KV*B, S, D]
-        values = vl.index_select(1, self.gather.flatten()).view(n_kv * b, s, head_dim)
+        kv = seen.view(b, s, 2, n_kv, head_dim).permute(2, 3, 0, 1, 4)  # [2, KV, B, S, D] (a view)
+        keys, values = kv[0].reshape(n_kv * b, s, head_dim), kv[1].reshape(n_kv * b, s, head_dim)  # [KV*B, S, D]
         qp = q if self.padded else q.new_zeros(b * nb, n_heads, head_dim).index_copy_(0, self.rows, q)  # [B*Nb, H, D]
         # query head h reads KV head h // G: rows of KV head j are its G heads for each new token
         qg = qp.view(b, nb, n_kv, g, head_dim).permute(2, 0, 1, 3, 4).reshape(n_kv * b, nb * g, head_dim)  # [KV*B, Nb*G, D]

@@ -82,15 +82,15 @@ def test_preflight_counts_what_is_allocated(tiny_dirs, llama4_dir, monkeypatch, 
         resident = [t for w in layers.resident.values() for t in w.values()]
         assert layers.resident and layers.packed
         assert host["LLM weights"] == _storage_bytes([*llm.weights.globals.values(), *resident])
-        assert host["KV cache"] == engine.pool.k.nbytes + engine.pool.v.nbytes
+        assert host["KV cache"] == engine.pool.kv.nbytes
     else:
         resident = [t for _, w in layers.layers() for t in w.values()]
         assert host["LLM weights"] == _storage_bytes([*llm.weights.globals.values(), *resident])
-        assert host["LLM KV cache"] == engine.pool.k.nbytes + engine.pool.v.nbytes
+        assert host["LLM KV cache"] == engine.pool.kv.nbytes
     name = f"SSM {tiny_dirs['qwen2'][0]}"
     ssm_tensors = [*ssm.weights.globals.values(), *(t for _, w in ssm.weights.layers.layers() for t in w.values())]
     assert host[f"{name} weights"] == _storage_bytes(ssm_tensors)
-    assert host[f"{name} KV cache"] == drafter.pool.k.nbytes + drafter.pool.v.nbytes
+    assert host[f"{name} KV cache"] == drafter.pool.kv.nbytes
 
 
 def test_preflight_refuses_before_loading_when_the_ssm_does_not_fit(tiny_dirs, llama4_dir, monkeypatch):

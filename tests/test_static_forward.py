@@ -66,7 +66,7 @@ def test_padded_forward_matches_plain_forward(tiny_dirs, family):
         assert pool.blocks.free_blocks == 4  # two requests of 22 slots: two blocks each
     n = len(PROMPT) + 3  # request 0's committed slots hold the same keys in both pools
     s = torch.arange(n)  # request 0 holds blocks 0 and 1
-    torch.testing.assert_close(static_pool.k[:, :, s], plain_pool.k[:, :, s], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(static_pool.kv[:, s], plain_pool.kv[:, s], atol=1e-5, rtol=1e-5)
 
 
 def test_a_round_too_large_to_pad_runs_eagerly(tiny_dirs):

@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="list the GPU kernels of the last budget's drafts")
+    ap.add_argument("--ops", action="store_true", help="the device time of each PyTorch op of eager drafts (the "
+                    "replayed graphs' kernels cannot be told apart by op)")
     ap.add_argument("--no-fuse", action="store_true", help="keep the SSM's projections unfused")
     ap.add_argument("--attention", default="matmul", help="comma-separated: matmul (batched products, the default "
                     "for a fused SSM), sdpa (PyTorch's fused kernel)")
@@ -87,6 +89,21 @@ def main() -> None:
             total = sum(e.device_time for e in kernels)
             print(f"  {len(kernels) / 5:.0f} kernels per draft, {total / 5 / 1e3:.2f} ms of kernel time per draft")
             print(kp.key_averages().table(sort_by="device_time_total", row_limit=25))
+        if args.ops and dev == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            eager = Drafter(ssm, shape["vocab_size"], TreeConfig(budget=budget, calibrated=False), 64, 16, static=False,
+                            fuse=not args.no_fuse)
+            eager.pool.matmul_attention = attention == "matmul"
+            est = eager.admit(600, prompt)
+            eager.draft([est], [budget], [budget])
+            eager.commit([(est, [], 7)])
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as op:
+                for i in range(5):
+                    eager.draft([est], [budget], [budget])
+                    eager.commit([(est, [], 9 + i)])
+                sync()
+            print(op.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=40))
         if prof is not None:
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
