@@ -4,7 +4,7 @@ best ``budget`` expanded, depth 16) and against transformers' assisted generatio
 grows while it is accepted).
 
     PYTHONPATH=. python tools/bench_tree_shapes.py [--device cpu|cuda] [--offload --reserve 1.2G] \
-        [--budgets 16,64,256] [--before 16,64] [--auto] [--peer] [--new 64] [--json out.json]
+        [--budgets 16,64,256] [--before 16,64] [--auto] [--peer] [--new 64] [--repeat N] [--phases] [--json out.json]
 
 Categories (held out: none of these prompts was used to tune anything): 8 code tasks in chat whose
 answers copy a given signature and docstring, 8 raw code completions (no chat template), 16 chat
@@ -117,7 +117,7 @@ def time_phases(engine, sync) -> dict[str, list[float]]:
     verification and commits, and the rest of the step (inputs of the pass, bookkeeping)."""
     rec: dict[str, list[float]] = {k: [] for k in ("step", "draft", "enqueue", "wait", "verify")}
     cur: dict[str, float] = {}
-    step, llm_pass, verify, draft_of = engine.step, engine._llm_pass, engine._verify_and_commit, {}
+    step, llm_pass, verify = engine.step, engine._llm_pass, engine._verify_and_commit
 
     def timed_pass(*a, **k):
         t = time.perf_counter()
