@@ -2,10 +2,11 @@
 
 Storage per model: ``kv`` ``[n_layers, slots, 2, n_kv_heads, head_dim]`` (a slot's keys, then its
 values), the slots cut into blocks (block_manager.py). Slot-major, keys and values together: a batch's
-slots are gathered, and pending entries committed, by one row indexing over whole slots. A request's ``SeqKV`` maps its logical positions to pool slots and keeps the
-same committed prefix / pending tail as ``KVCache``: slots ``[0, length)`` hold committed tokens,
-``[length, length + pending)`` what was processed since the last commit (a token tree, a prefill
-chunk). ``commit`` keeps chosen pending entries right after the committed prefix.
+slots are gathered, and pending entries committed, by one row indexing over whole slots. A request's
+``SeqKV`` maps its logical positions to pool slots and keeps the same committed prefix / pending tail as
+``KVCache``: slots ``[0, length)`` hold committed tokens, ``[length, length + pending)`` what was processed
+since the last commit (a token tree, a prefill chunk). ``commit`` keeps chosen pending entries right after
+the committed prefix.
 
 One forward serves many requests: their new tokens are flattened into one ``[N]`` sequence (the dense
 layers see only real tokens) and ``BatchAttention`` stands in for the cache in a family's forward: it
@@ -215,6 +216,12 @@ class BatchAttention:
         zero = torch.zeros((), dtype=dtype, device=self.mask.device)
         return full.copy_(torch.where(self.mask, zero, zero - torch.inf))
 
+    def _padded(self, q: Tensor) -> Tensor:
+        """The new tokens' queries ``[N, H, D]`` in the padded ``[B*Nb, H, D]`` layout (zeros in padding rows)."""
+        if self.padded:
+            return q
+        return q.new_zeros(self.b * self.nb, *q.shape[1:]).index_copy_(0, self.rows, q)
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q ``[N, H, D]``, k/v ``[N, KV, D]`` (stored at the tokens' slots). Returns ``[N, H * D]``."""
         n, n_heads, head_dim = q.shape
@@ -231,11 +238,7 @@ class BatchAttention:
             # grouped_attention), in one indexing kernel
             seen = seen[:, :, :, self.pool.kv_head_of(n_heads, n_kv)]  # [B, S, 2, H, D]
         keys, values = seen[:, :, 0].transpose(1, 2), seen[:, :, 1].transpose(1, 2)  # [B, H or KV, S, D]
-        if self.padded:
-            qp = q
-        else:
-            qp = q.new_zeros(b * nb, n_heads, head_dim).index_copy_(0, self.rows, q)  # [B*Nb, H, D]
-        qp = qp.view(b, nb, n_heads, head_dim).transpose(1, 2)  # [B, H, Nb, D]
+        qp = self._padded(q).view(b, nb, n_heads, head_dim).transpose(1, 2)  # [B, H, Nb, D]
         if layer == 0 or self._bias is None or self._bias.dtype != q.dtype:
             self._bias = self._additive_mask(q.dtype)
         out = grouped_attention(qp, keys, values, self._bias[:, None])  # [B, H, Nb, D]
@@ -253,11 +256,10 @@ class BatchAttention:
         g = n_heads // n_kv
         kv = seen.view(b, s, 2, n_kv, head_dim).permute(2, 3, 0, 1, 4)  # [2, KV, B, S, D] (a view)
         keys, values = kv[0].reshape(n_kv * b, s, head_dim), kv[1].reshape(n_kv * b, s, head_dim)  # [KV*B, S, D]
-        qp = q if self.padded else q.new_zeros(b * nb, n_heads, head_dim).index_copy_(0, self.rows, q)  # [B*Nb, H, D]
         # query head h reads KV head h // G: rows of KV head j are its G heads for each new token
-        qg = qp.view(b, nb, n_kv, g, head_dim).permute(2, 0, 1, 3, 4).reshape(n_kv * b, nb * g, head_dim)  # [KV*B, Nb*G, D]
+        qg = self._padded(q).view(b, nb, n_kv, g, head_dim).permute(2, 0, 1, 3, 4).reshape(n_kv * b, nb * g, head_dim)  # [KV*B, Nb*G, D]
         if layer == 0 or self._grouped_bias is None or self._grouped_bias.dtype != q.dtype:
-            bias = torch.where(self.mask, 0.0, -torch.inf).to(q.dtype)  # [B, Nb, S]
+            bias = self._additive_mask(q.dtype)  # [B, Nb, S]
             self._grouped_bias = bias[None, :, :, None, :].expand(n_kv, b, nb, g, s).reshape(n_kv * b, nb * g, s)
         scores = torch.baddbmm(self._grouped_bias, qg, keys.transpose(1, 2), alpha=head_dim ** -0.5)  # [KV*B, Nb*G, S]
         out = torch.bmm(torch.softmax(scores, dim=-1), values)  # [KV*B, Nb*G, D]

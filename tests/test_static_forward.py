@@ -207,33 +207,36 @@ def test_grouped_attention_with_repeated_kv_heads_equals_gqa():
     torch.testing.assert_close(ref[:, 3], att @ v[:, 1])
 
 
-def test_batched_attention_gathering_repeated_kv_heads_gives_the_same_logits(tiny_dirs):
-    """The CUDA way of grouped-query attention in a batch (each KV head gathered once per query head, an
-    additive mask made once per forward), run on the CPU: the same logits as the grouped path."""
+def _same_gqa_logits_either_way(tiny_dirs, flag: str, n_blocks: int, run) -> None:
+    """The tiny grouped-query model's logits ``run(model, pool, a, b)`` (two requests' slots ``a``, ``b``)
+    with the pool's attention setting ``flag`` off and on: the same."""
     model = load_model(resolve(str(tiny_dirs["qwen2"][0])), progress=False).model
     assert model.config.n_kv_heads != model.config.n_heads
     out = []
-    for repeat in (False, True):
-        pool = model.new_pool(4, 16)
-        pool.repeat_kv = repeat
-        a, b = pool.allocate(32), pool.allocate(32)
+    for on in (False, True):
+        pool = model.new_pool(n_blocks, 16)
+        setattr(pool, flag, on)
+        out.append(run(model, pool, pool.allocate(32), pool.allocate(32)))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+
+
+def test_batched_attention_gathering_repeated_kv_heads_gives_the_same_logits(tiny_dirs):
+    """The CUDA way of grouped-query attention in a batch (each KV head gathered once per query head, an
+    additive mask made once per forward), run on the CPU: the same logits as the grouped path."""
+    def run(model, pool, a, b):
         batch = pool.batch([Part(a, 6), Part(b, 3)])
         tokens = torch.tensor(PROMPT + PROMPT[:3])
-        out.append(model.forward_batch(tokens, torch.cat([torch.arange(6), torch.arange(3)]), batch))
-    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+        return model.forward_batch(tokens, torch.cat([torch.arange(6), torch.arange(3)]), batch)
+
+    _same_gqa_logits_either_way(tiny_dirs, "repeat_kv", 4, run)
 
 
 def test_attention_by_matmul_gives_the_same_logits(tiny_dirs):
     """A drafting pool's attention by two batched products (query heads grouped by KV head, as on a
     GPU), over a padded batch with trees and a padding request: the same logits as the fused kernel's."""
-    model = load_model(resolve(str(tiny_dirs["qwen2"][0])), progress=False).model
-    assert model.config.n_kv_heads != model.config.n_heads
     tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)  # a root and its two children
-    out = []
-    for by_matmul in (False, True):
-        pool = model.new_pool(8, 16)
-        pool.matmul_attention = by_matmul
-        a, b = pool.allocate(32), pool.allocate(32)
+
+    def run(model, pool, a, b):
         first = pool.batch([Part(a, 6), Part(b, 4)])
         model.forward_batch(torch.tensor(PROMPT + PROMPT[:4]), torch.cat([torch.arange(6), torch.arange(4)]), first)
         pool.commit([(a, list(range(6))), (b, list(range(4)))])
@@ -242,6 +245,6 @@ def test_attention_by_matmul_gives_the_same_logits(tiny_dirs):
         tokens[batch.real_rows] = torch.tensor([5, 7, 9, 11])
         positions = torch.zeros(16, dtype=torch.long)
         positions[batch.real_rows] = torch.tensor([6, 7, 7, 4])
-        logits = model.forward_batch(tokens, positions, batch)
-        out.append(logits[batch.real_rows])
-    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)
+        return model.forward_batch(tokens, positions, batch)[batch.real_rows]
+
+    _same_gqa_logits_either_way(tiny_dirs, "matmul_attention", 8, run)

@@ -51,13 +51,19 @@ def main() -> None:
     ssm = random_resident(shape, dev, dtype)
     prompt = torch.randint(0, 1000, (256,)).tolist()
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    for attention, budget in [(a, int(b)) for a in args.attention.split(",") for b in args.budgets.split(",")]:
-        d = Drafter(ssm, shape["vocab_size"], TreeConfig(budget=budget, calibrated=False), 64, 16,
+
+    def drafter(budget: int, attention: str, static: bool | None = None):
+        """A drafter for one request whose prompt is read (and graphs of its first shapes captured)."""
+        d = Drafter(ssm, shape["vocab_size"], TreeConfig(budget=budget, calibrated=False), 64, 16, static=static,
                     fuse=not args.no_fuse and dev == "cuda")
         d.pool.matmul_attention = attention == "matmul"
         st = d.admit(600, prompt)
-        d.draft([st], [budget], [budget])  # prompt read, graphs captured
+        d.draft([st], [budget], [budget])
         d.commit([(st, [], 7)])
+        return d, st
+
+    for attention, budget in [(a, int(b)) for a in args.attention.split(",") for b in args.budgets.split(",")]:
+        d, st = drafter(budget, attention)
         times, calls = [], []
         prof = cProfile.Profile() if args.profile else None
         for i in range(args.drafts + 2):
@@ -92,12 +98,7 @@ def main() -> None:
         if args.ops and dev == "cuda":
             from torch.profiler import ProfilerActivity, profile
 
-            eager = Drafter(ssm, shape["vocab_size"], TreeConfig(budget=budget, calibrated=False), 64, 16, static=False,
-                            fuse=not args.no_fuse)
-            eager.pool.matmul_attention = attention == "matmul"
-            est = eager.admit(600, prompt)
-            eager.draft([est], [budget], [budget])
-            eager.commit([(est, [], 7)])
+            eager, est = drafter(budget, attention, static=False)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as op:
                 for i in range(5):
                     eager.draft([est], [budget], [budget])
